@@ -1,0 +1,38 @@
+"""vit_jax: fine-tune public ViT / CLIP / OWL-ViT checkpoints in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vit_jax",
+    version="0.1.0",
+    description="JAX/Flax ViT, CLIP and OWL-ViT training in the style of big_vision.",
+    packages=find_packages(include=["vit_jax", "vit_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-cpu>=2.21",  # the input pipeline only; JAX does the accelerator work
+        "tensorboard>=2.21",  # clu's SummaryWriter needs it; tensorflow-cpu 2.21 does not pull it
+        "tensorflow-datasets>=4.9.10",
+        "ml-collections>=1.1.0",
+        "clu>=0.0.12",
+        "numpy>=2.0",
+        "safetensors>=0.8.0",  # checkpoint conversion without torch
+        "scipy",  # upstream's position-embedding zoom
+        "absl-py",
+    ],
+    extras_require={
+        # Parity tests against the PyTorch references. torch is pinned: this version's CPU wheel is
+        # what pip finds on the project's machines; an unpinned torch pulls a multi-GB CUDA build.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "torch==2.13.0",
+            "transformers==5.23.0",
+            "safetensors>=0.8.0",
+            "pillow",
+        ],
+        "torch": ["torch==2.13.0", "transformers==5.23.0"],
+    },
+)

@@ -1,0 +1,394 @@
+"""Data sources: where examples come from, as light records that a later `load` turns into examples.
+
+Every source resolves a tfds-style split string ('train', 'train[:98%]', 'train[10:20]+test') to a
+fixed order of `num_examples` positions. `records(start, stop)` gives positions [start, stop) in that
+order as cheap records (an index, a path, a raw tfds example), so that shuffling and resume-skipping
+touch no pixels; `load(record)` then gives {'image': uint8 [h, w, c] or encoded bytes, 'label': int64}.
+"""
+import csv
+import dataclasses
+import functools
+import gzip
+import json
+import logging
+import os
+import types
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# Where `data_source='idx'` looks when `config.data_dir` is unset (Debian's dataset-fashion-mnist).
+DEFAULT_IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+# MNIST-format file prefix per split name.
+IDX_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+# Fixed (not config.seed) so that a ratio split like 'train[:90%]' of an image folder is the same
+# partition for every run and seed.
+FOLDER_ORDER_SEED = 0
+
+
+@dataclasses.dataclass
+class Source:
+  """One split of one dataset, in a fixed order.
+
+  Attributes:
+    description: names dataset, source kind, location and split, for error messages.
+    num_examples: examples in the whole split.
+    records: (start, stop) -> tf.data.Dataset of records at split positions [start, stop).
+    load: record -> {'image', 'label', '_id'}; works on one record, and on a batch of records when
+      `load_batchable` (then the pipeline loads after batching, which vectorises it).
+    load_batchable: see `load`.
+    image_encoded: whether 'image' is encoded bytes (a `decode` op is then needed).
+    paths: the split's files in order (file sources only), for finding corrupt files.
+  """
+  description: str
+  num_examples: int
+  records: Callable[[int, int], tf.data.Dataset]
+  load: Callable[[dict], dict]
+  load_batchable: bool
+  image_encoded: bool
+  paths: list | None = None
+  num_skipped: int = 0  # corrupt files left out (config.skip_corrupt)
+
+
+def resolve_split(split: str, sizes: dict[str, int], where: str) -> list[tuple[str, int, int]]:
+  """Split string -> [(split_name, from, to)] absolute ranges, with tfds's slicing semantics.
+
+  Args:
+    split: e.g. 'train[:98%]', 'train[10:20]+test'.
+    sizes: examples per named split of the dataset.
+    where: names the dataset, for the error message.
+  """
+  try:
+    instruction = tfds.core.ReadInstruction.from_spec(split)
+    infos = {k: types.SimpleNamespace(num_examples=n, shard_lengths=[n]) for k, n in sizes.items()}
+    absolute = instruction.to_absolute(infos)
+  except (ValueError, NotImplementedError) as e:
+    raise ValueError(f"{where}: cannot read split {split!r} (splits and sizes: {sizes}): {e}") from e
+  return [(a.splitname, a.from_ or 0, sizes[a.splitname] if a.to is None else a.to)
+          for a in absolute]
+
+
+def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """Contiguous shard [start, stop) of positions read by one process; sizes differ by at most 1."""
+  return (num_examples * process_index // process_count,
+          num_examples * (process_index + 1) // process_count)
+
+
+def get_source(config, split: str) -> Source:
+  """The source named by `config.data_source` for `split`."""
+  kind = config.data_source
+  if kind == "tfds":
+    return tfds_source(config, split)
+  if kind == "idx":
+    return idx_source(config, split)
+  if kind == "folder":
+    return folder_source(config, split)
+  if kind in ("csv", "jsonl"):
+    return listing_source(config, split)
+  raise ValueError(f"config.data_source={kind!r}: expected one of tfds, idx, folder, csv, jsonl.")
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str, names=None):
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = bad[0]
+    at = f" ({names[i]})" if names is not None else f" (example {i})"
+    raise ValueError(f"{where}: label {labels[i]}{at} is outside [0, num_classes={num_classes}); "
+                     f"{bad.size} labels are out of range.")
+
+
+# ------------------------------------------------------------------------------------------------
+# tfds
+
+
+def tfds_source(config, split: str) -> Source:
+  """Any tfds image-classification dataset with features 'image' and 'label', read from
+  `config.tfds_data_dir`. Downloads only when `config.tfds_download` is set."""
+  name = config.dataset
+  builder = tfds.builder(name, data_dir=config.tfds_data_dir)
+  where = f"tfds dataset {name!r} in {builder.data_dir!r}"
+  if not builder.is_prepared():
+    if not config.tfds_download:
+      raise FileNotFoundError(
+          f"{where} is not prepared (no dataset_info.json there). Set config.tfds_data_dir to where "
+          f"it is, or config.tfds_download=True to download and prepare it.")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=config.tfds_manual_dir))
+  features = builder.info.features
+  for key in ("image", "label"):
+    if key not in features:
+      raise ValueError(f"{where}: expected features 'image' and 'label', found {list(features)}.")
+  data_classes = getattr(features["label"], "num_classes", None)
+  if data_classes is not None and data_classes > config.num_classes:
+    raise ValueError(f"{where}: the dataset has {data_classes} classes but "
+                     f"config.num_classes={config.num_classes}.")
+  sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  pieces = resolve_split(split, sizes, where)
+  total = sum(b - a for _, a, b in pieces)
+  encoded = isinstance(features["image"], tfds.features.Image)
+
+  def records(start, stop):
+    parts, offset = [], 0
+    for name_, a, b in pieces:
+      lo, hi = max(a, a + start - offset), min(b, a + stop - offset)
+      if lo < hi:
+        parts.append(tfds.core.ReadInstruction(name_, from_=lo, to=hi, unit="abs"))
+      offset += b - a
+    if not parts:  # this process has no examples; keep the element structure
+      parts, stop = [tfds.core.ReadInstruction(pieces[0][0], from_=0, to=1, unit="abs")], start
+    ds = builder.as_dataset(
+        split=functools.reduce(lambda x, y: x + y, parts), shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
+        read_config=tfds.ReadConfig(try_autocache=False))
+    ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int64)})
+    return tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), ds).map(
+        lambda i, ex: {**ex, "_id": i})
+
+  return Source(f"{where}, split {split!r}", total, records, lambda r: r,
+                load_batchable=True, image_encoded=encoded)
+
+
+# ------------------------------------------------------------------------------------------------
+# idx (MNIST format)
+
+
+def _read_idx(path: str, ndim: int) -> np.ndarray:
+  """Reads an MNIST-format idx file of unsigned bytes (gzip or plain) and checks its header.
+
+  Returns:
+    uint8 array with the `ndim` dims of the header ([n, rows, cols] or [n]).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"idx file {path} does not exist.")
+  try:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    raise ValueError(f"idx file {path} is corrupt or truncated: {e}") from e
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f"idx file {path} is truncated: {len(raw)} bytes, a header needs {4 + 4 * ndim}.")
+  magic = int.from_bytes(raw[:4], "big")
+  expected_magic = 0x0800 + ndim  # 2 zero bytes, 0x08 = unsigned byte, number of dims
+  if magic != expected_magic:
+    raise ValueError(f"idx file {path} is corrupt: magic number 0x{magic:08x}, expected "
+                     f"0x{expected_magic:08x} (unsigned bytes, {ndim} dims).")
+  dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(np.int64)
+  body = len(raw) - 4 - 4 * ndim
+  if body != int(np.prod(dims)):
+    raise ValueError(f"idx file {path} is {'truncated' if body < np.prod(dims) else 'corrupt'}: "
+                     f"header dims {dims.tolist()} need {int(np.prod(dims))} data bytes, "
+                     f"found {body}.")
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_idx_split(data_dir: str, split_name: str, mtime_key) -> tuple[np.ndarray, np.ndarray]:
+  """images uint8 [n, rows, cols, 1], labels int64 [n] of one named split; cached per process."""
+  del mtime_key  # only part of the cache key, so a rewritten file is read again
+  prefix = IDX_SPLIT_PREFIX[split_name]
+  paths = [_idx_path(data_dir, f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
+  images = _read_idx(paths[0], 3)[..., None]
+  labels = _read_idx(paths[1], 1).astype(np.int64)
+  if len(images) != len(labels):
+    raise ValueError(f"idx files {paths[0]} and {paths[1]} disagree: {len(images)} images, "
+                     f"{len(labels)} labels.")
+  return images, labels
+
+
+def _idx_path(data_dir: str, stem: str) -> str:
+  for name in (stem + ".gz", stem):
+    if os.path.exists(os.path.join(data_dir, name)):
+      return os.path.join(data_dir, name)
+  return os.path.join(data_dir, stem + ".gz")  # missing: _read_idx names it
+
+
+def idx_source(config, split: str) -> Source:
+  """MNIST-format `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` files in `config.data_dir`
+  (default for fashion_mnist: Debian's /usr/share/datasets/fashion-mnist); split names 'train',
+  'test'. Yields uint8 [rows, cols, 1] images, already decoded."""
+  data_dir = config.data_dir or DEFAULT_IDX_DIRS.get(config.dataset)
+  if data_dir is None:
+    raise ValueError(f"config.data_dir is not set, and dataset {config.dataset!r} has no default "
+                     f"idx directory (known: {DEFAULT_IDX_DIRS}).")
+  where = f"idx dataset {config.dataset!r} in {data_dir}"
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"{where}: directory {data_dir} does not exist.")
+
+  def sizes_of(name):  # images are needed anyway, and reading the header alone saves little
+    return len(load(name)[1])
+
+  def load(name):
+    files = [_idx_path(data_dir, f"{IDX_SPLIT_PREFIX[name]}-{k}-ubyte")
+             for k in ("images-idx3", "labels-idx1")]
+    key = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in files)
+    return _load_idx_split(data_dir, name, key)
+
+  names = {p.partition("[")[0].strip() for p in split.split("+")}
+  if not names <= set(IDX_SPLIT_PREFIX):
+    raise ValueError(f"{where}: unknown split {split!r}; idx splits are {list(IDX_SPLIT_PREFIX)} "
+                     f"(slicing like 'train[:98%]' works).")
+  sizes = {name: sizes_of(name) for name in sorted(names)}
+  pieces = resolve_split(split, sizes, where)
+  images = np.concatenate([load(n)[0][a:b] for n, a, b in pieces])
+  labels = np.concatenate([load(n)[1][a:b] for n, a, b in pieces])
+  _check_labels(labels, config.num_classes, where)
+  images_t, labels_t = tf.constant(images), tf.constant(labels)
+
+  def load_record(i):  # i: int64 [] or [batch]
+    return {"image": tf.gather(images_t, i), "label": tf.gather(labels_t, i), "_id": i}
+
+  return Source(f"{where}, split {split!r}", len(labels),
+                lambda start, stop: tf.data.Dataset.range(start, stop), load_record,
+                load_batchable=True, image_encoded=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image files: a folder per class, or a CSV / JSONL listing.
+
+
+def _file_source(config, split: str, where: str, sizes: dict[str, int],
+                 listing: Callable[[str], tuple[list[str], list[int]]]) -> Source:
+  """Common part of the folder and listing sources: paths and labels -> records and load."""
+  pieces = resolve_split(split, sizes, where)
+  paths, labels = [], []
+  for name, a, b in pieces:
+    p, l = listing(name)
+    paths += p[a:b]
+    labels += l[a:b]
+  labels = np.asarray(labels, np.int64)
+  _check_labels(labels, config.num_classes, where, names=paths)
+  if config.skip_corrupt:
+    # Checked up front (one decode pass), so that the stream of good files, and with it the data
+    # order and resume, stays a pure function of the seed.
+    bad = find_bad_images(paths)
+    if bad:
+      logging.warning("%s, split %r: skipping %d of %d images that cannot be read or decoded "
+                      "(config.skip_corrupt=True): %s", where, split, len(bad), len(paths),
+                      "; ".join(f"{p}: {e}" for p, e in bad[:20]) + (" ..." if len(bad) > 20 else ""))
+      bad_paths = {p for p, _ in bad}
+      keep = np.array([p not in bad_paths for p in paths], bool)
+      paths, labels = [p for p, k in zip(paths, keep) if k], labels[keep]
+  else:
+    bad = []
+  paths_t, labels_t = tf.constant(paths or [""], tf.string), tf.constant(labels.tolist() or [0],
+                                                                         tf.int64)
+
+  def records(start, stop):
+    return tf.data.Dataset.range(start, stop)
+
+  def load(i):  # reading the file here, after shuffle and skip, keeps those cheap
+    path = tf.gather(paths_t, i)
+    return {"image": tf.io.read_file(path), "label": tf.gather(labels_t, i), "_id": i,
+            "_path": path}
+
+  return Source(f"{where}, split {split!r}", len(paths), records, load, load_batchable=False,
+                image_encoded=True, paths=paths, num_skipped=len(bad))
+
+
+def _list_images(directory: str) -> list[str]:
+  return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+def folder_source(config, split: str) -> Source:
+  """Images in `config.data_dir/CLASS/*.jpg` (one split, 'train', to slice by ratio such as
+  'train[:90%]'), or in `config.data_dir/SPLIT/CLASS/*.jpg` (sub-folders train/, val/, ...).
+
+  Class ids are the sorted class-folder names (over all split sub-folders). Files are put in a fixed
+  pseudo-random order (seed FOLDER_ORDER_SEED) so that a ratio split mixes classes.
+  """
+  root = config.data_dir
+  where = f"image folder {root}"
+  if not root or not os.path.isdir(root):
+    raise FileNotFoundError(f"{where}: directory does not exist (config.data_dir={root!r}).")
+  subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  split_names = [d for d in subdirs if d in ("train", "val", "validation", "test", "valid")]
+  if split_names:  # root/SPLIT/CLASS
+    split_roots = {d: os.path.join(root, d) for d in split_names}
+  else:  # root/CLASS: one split
+    split_roots = {"train": root}
+  classes = sorted({c for r in split_roots.values() for c in os.listdir(r)
+                    if os.path.isdir(os.path.join(r, c))})
+  if not classes:
+    raise ValueError(f"{where}: no class sub-folders in {sorted(split_roots.values())}.")
+
+  @functools.lru_cache(None)
+  def listing(name):
+    r = split_roots[name]
+    items = [(p, k) for k, c in enumerate(classes) if os.path.isdir(os.path.join(r, c))
+             for p in _list_images(os.path.join(r, c))]
+    order = np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(items))
+    return [items[i][0] for i in order], [items[i][1] for i in order]
+
+  sizes = {name: len(listing(name)[0]) for name in split_roots}
+  logging.info("%s: %d classes, split sizes %s", where, len(classes), sizes)
+  return _file_source(config, split, where, sizes, listing)
+
+
+def listing_source(config, split: str) -> Source:
+  """`config.data_dir/SPLIT.csv` (header with columns path,label) or `SPLIT.jsonl` (one
+  {"path": ..., "label": ...} per line). Paths are relative to the listing's folder; labels are
+  integer ids, or class names (then ids are the sorted names). The listing's order is kept."""
+  root, ext = config.data_dir, config.data_source
+  where = f"{ext} listing in {root}"
+  if not root or not os.path.isdir(root):
+    raise FileNotFoundError(f"{where}: directory does not exist (config.data_dir={root!r}).")
+  names = sorted(f[:-len(ext) - 1] for f in os.listdir(root) if f.endswith("." + ext))
+
+  @functools.lru_cache(None)
+  def rows(name):
+    path = os.path.join(root, f"{name}.{ext}")
+    with open(path) as f:
+      if ext == "csv":
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+          raise ValueError(f"{path}: expected a header with columns path,label, found "
+                           f"{reader.fieldnames}.")
+        out = [(r["path"], r["label"], f"{path}:{n + 2}") for n, r in enumerate(reader)]
+      else:
+        out = []
+        for n, line in enumerate(f):
+          if not line.strip():
+            continue
+          try:
+            r = json.loads(line)
+            out.append((r["path"], r["label"], f"{path}:{n + 1}"))
+          except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n + 1}: expected a JSON object with keys path, label "
+                             f"({e!r}).") from e
+    return [(os.path.join(root, p), str(l).strip(), at) for p, l, at in out]
+
+  all_labels = {l for n in names for _, l, _ in rows(n)}
+  numeric = all(l.lstrip("-").isdigit() for l in all_labels)
+  class_ids = None if numeric else {c: k for k, c in enumerate(sorted(all_labels))}
+
+  def listing(name):
+    r = rows(name)
+    return [p for p, _, _ in r], [int(l) if numeric else class_ids[l] for _, l, _ in r]
+
+  sizes = {n: len(rows(n)) for n in names}
+  return _file_source(config, split, where, sizes, listing)
+
+
+def find_bad_images(paths: list[str], channels: int = 3) -> list[tuple[str, str]]:
+  """[(path, error)] of the files that cannot be read or decoded as images, checked in tf.data."""
+  ids = tf.data.Dataset.range(len(paths))
+  paths_t = tf.constant(paths or [""])
+
+  def check(i):
+    img = tf.io.decode_image(tf.io.read_file(paths_t[i]), channels=channels,
+                             expand_animations=False)
+    return i, tf.shape(img)[0]
+  good = {int(i) for i, _ in ids.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+          .ignore_errors().as_numpy_iterator()}
+  bad = []
+  for i in sorted(set(range(len(paths))) - good):
+    try:  # again, eagerly, for the error message
+      tf.io.decode_image(tf.io.read_file(paths[i]), channels=channels, expand_animations=False)
+      bad.append((paths[i], "unknown error"))
+    except (tf.errors.OpError, ValueError) as e:
+      bad.append((paths[i], getattr(e, "message", str(e)).strip().splitlines()[0]))
+  return bad

@@ -1,0 +1,299 @@
+"""The one training loop, shared by every task.
+
+`train_and_evaluate(config, workdir)`: builds the task (model, loss, evaluators), the optimizer
+(optim.py), the parallel back-end (parallel.py), the input pipeline, and runs
+    batch -> compiled train_step(state, batch, rng) -> metrics -> clu writers
+with orbax checkpoints every `checkpoint_every_steps` and evaluations every `eval_every_steps`.
+A run restarted in the same workdir resumes from the latest checkpoint with the same data order
+(the input pipeline restarts at that step) and the same randomness (rng folded with the step).
+Nothing here is specific to a task.
+"""
+import json
+import logging as std_logging
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vit_jax import checkpoint
+from vit_jax import optim
+from vit_jax import parallel
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray  # int32 scalar: the number of updates applied so far
+  params: PyTree
+  opt_state: PyTree
+
+
+def get_task(config):
+  """The task named by `config.task` (imported lazily: each task pulls in its own model)."""
+  if config.task == "classification":
+    from vit_jax.tasks import classification
+    return classification.ClassificationTask(config)
+  raise ValueError(f"config.task={config.task!r}: expected one of ['classification'].")
+
+
+def _split_microbatches(batch: PyTree, accum_steps: int) -> PyTree:
+  """[batch, ...] -> [accum_steps, batch / accum_steps, ...].
+
+  Micro-batch i takes rows i, i + accum_steps, ...: the row axis keeps its device sharding, so
+  every micro-batch is spread over all devices (a plain reshape would put micro-batch 0 on the
+  first devices only and force a reshuffle).
+  """
+  def split(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f"Per-device batch {x.shape[0]} is not divisible by "
+                       f"config.accum_steps={accum_steps}.")
+    return jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedules: Dict[str, Callable], mean_fn: Callable,
+                    accum_steps: int = 1) -> Callable:
+  """The train step, written once for every task and both back-ends.
+
+  loss_fn(params, batch, rng) -> (scalar loss, dict of scalar metrics), a mean over `batch`.
+  mean_fn: the back-end's cross-device mean (lax.pmean under pmap, identity under pjit).
+  Returns step(state, batch, rng) -> (new state, metrics).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    if accum_steps == 1:
+      (loss, aux), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = _split_microbatches(batch, accum_steps)
+
+      def body(carry, xs):
+        mb, i = xs
+        (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      (l0, a0), g0 = grad_fn(state.params, first, jax.random.fold_in(rng, 0))
+      rest = (jax.tree.map(lambda x: x[1:], micro), jnp.arange(1, accum_steps))
+      (loss, aux, grads), _ = jax.lax.scan(body, (l0, a0, g0), rest)
+      # Equal micro-batches: the mean of their means is the mean over the whole batch.
+      loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, (loss, aux, grads))
+
+    loss, aux, grads = mean_fn((loss, aux, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params)}
+    metrics.update({f"lr/{name}": fn(state.step) for name, fn in schedules.items()})
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+class EarlyStopping:
+  """Stops when `metric` has not improved by `min_delta` for `patience` evaluations.
+
+  Its state lives in `workdir/early_stopping.json` (written atomically) so a resumed run
+  continues counting where the interrupted one was.
+  """
+
+  def __init__(self, cfg, workdir: str):
+    self.metric, self.mode = cfg.metric, cfg.mode
+    self.patience, self.min_delta = cfg.patience, cfg.min_delta
+    if self.mode not in ("max", "min"):
+      raise ValueError(f"config.early_stopping.mode={self.mode!r}: expected 'max' or 'min'.")
+    self.path = os.path.join(workdir, "early_stopping.json")
+    self.best, self.best_step, self.bad_evals = None, None, 0
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        saved = json.load(f)
+      self.best, self.best_step, self.bad_evals = (saved["best"], saved["best_step"],
+                                                   saved["bad_evals"])
+
+  def update(self, step: int, metrics: Dict[str, float]) -> Tuple[bool, bool]:
+    """Returns (improved, should_stop)."""
+    if self.metric not in metrics:
+      raise KeyError(f"config.early_stopping.metric={self.metric!r} is not among the eval "
+                     f"metrics {sorted(metrics)}.")
+    value = float(metrics[self.metric])
+    sign = 1.0 if self.mode == "max" else -1.0
+    improved = self.best is None or sign * (value - self.best) > self.min_delta
+    if improved:
+      self.best, self.best_step, self.bad_evals = value, step, 0
+    else:
+      self.bad_evals += 1
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}, f)
+    os.replace(tmp, self.path)
+    return improved, self.bad_evals >= self.patience
+
+
+class _DropLibraryInfo(std_logging.Filter):
+  """Orbax logs a dozen INFO lines per save through absl; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
+
+
+def _quiet_library_logs() -> None:
+  absl_logger = std_logging.getLogger("absl")
+  if not any(isinstance(f, _DropLibraryInfo) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropLibraryInfo())
+
+
+def _hide_accelerators_from_tf() -> None:
+  # tf.data runs on the host; TF must not grab GPU/TPU memory that JAX needs.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+
+
+def _make_writer(workdir: str):
+  from clu import metric_writers  # lazy: pulls in TensorFlow's summary ops
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+
+
+def _format_line(step: int, total: int, metrics: Dict[str, float], steps_per_s: float,
+                 batch: int) -> str:
+  eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
+  parts = [f"step {step}/{total}"]
+  parts += [f"{k}={v:.4g}" for k, v in metrics.items()]
+  parts += [f"steps/s={steps_per_s:.2f}", f"images/s={steps_per_s * batch:.1f}",
+            f"ETA={int(eta // 60)}m{int(eta % 60):02d}s" if np.isfinite(eta) else "ETA=?"]
+  return " ".join(parts)
+
+
+def evaluate(evaluators, params, eval_data, backend) -> Dict[str, float]:
+  """Runs every evaluator over one full pass of `eval_data`; returns `{name/metric: value}`."""
+  results = {}
+  for name, (step_fn, finalize) in evaluators.items():
+    sums = None
+    for batch in eval_data:
+      s = step_fn(params, backend.put_batch(batch))
+      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)  # stays on device
+    if sums is None:
+      raise ValueError(f"Evaluator {name!r}: the eval split gave no batches.")
+    metrics = finalize(backend.fetch(sums))
+    if "num_examples" in metrics and int(metrics["num_examples"]) != eval_data.num_examples:
+      raise RuntimeError(f"Evaluator {name!r} counted {int(metrics['num_examples'])} examples; "
+                         f"the split has {eval_data.num_examples}.")
+    results.update({f"{name}/{k}": v for k, v in metrics.items()})
+  return results
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval."""
+  from vit_jax import input_pipeline  # lazy: imports TensorFlow
+  os.makedirs(workdir, exist_ok=True)
+  _quiet_library_logs()
+  _hide_accelerators_from_tf()
+  backend = parallel.get_backend(config)
+  task = get_task(config)
+  pid, pcount = jax.process_index(), jax.process_count()
+  logging.info("Devices: %d (%d local, process %d of %d), back-end %s, platform %s",
+               jax.device_count(), jax.local_device_count(), pid, pcount, backend.name,
+               jax.default_backend())
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start_step = ckpt.latest_step() or 0
+  train_iter = input_pipeline.make_train_iterator(config, process_index=pid, process_count=pcount,
+                                                  start_step=start_step)
+  first_batch = next(train_iter)
+  eval_data = input_pipeline.make_eval_data(config, split=config.eval_split, process_index=pid,
+                                            process_count=pcount)
+
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  params = task.init_params(init_rng, first_batch)
+  tx, schedules = optim.make_optimizer(config, params)
+  state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params))
+  logging.info("Parameters: %s; optimizer state: %.1f MB", f"{optim.tree_bytes(params) // 4:,}"
+               if config.param_dtype == "float32" else optim.tree_bytes(params),
+               optim.tree_bytes(state.opt_state) / 2**20)
+  if start_step:
+    state = ckpt.restore(start_step, state)
+    logging.info("Resuming at step %d", start_step)
+  state = backend.put_state(state)
+
+  train_step = backend.compile_train_step(
+      make_train_step(task.loss_fn, tx, schedules, backend.mean, config.accum_steps))
+  evaluators = {name: (backend.compile_eval_step(fn), fin)
+                for name, (fn, fin) in task.evaluators().items()}
+  stopper = EarlyStopping(config.early_stopping, workdir) if config.early_stopping.metric else None
+  best_ckpt = checkpoint.Checkpointer(workdir, keep=1, name="best") if stopper else None
+
+  writer = _make_writer(workdir)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
+                          if not isinstance(v, dict)})
+
+  total = config.total_steps
+  pending, t0, step0 = [], time.perf_counter(), start_step
+  last_eval: Dict[str, float] = {}
+  step = start_step
+  batch = first_batch
+  while step < total:
+    state, metrics = train_step(state, backend.put_batch(batch), train_rng)
+    step += 1
+    pending.append(metrics)  # device arrays: no host sync until log time
+    if step < total:
+      batch = next(train_iter)
+
+    if step % config.log_every_steps == 0 or step == total or step == start_step + 1:
+      fetched = backend.fetch(pending)
+      mean_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      now = time.perf_counter()
+      # The first step includes compilation: rates start from the step after it.
+      sps = (step - step0) / (now - t0) if step > start_step + 1 else 0.0
+      if step == start_step + 1:
+        t0, step0 = now, step
+      writer.write_scalars(step, {f"train/{k}": v for k, v in mean_metrics.items()})
+      if sps:
+        writer.write_scalars(step, {"steps_per_sec": sps, "images_per_sec": sps * config.batch})
+      logging.info("%s", _format_line(step, total, mean_metrics, sps, config.batch))
+      pending = []
+
+    is_eval = step == total or (config.eval_every_steps and step % config.eval_every_steps == 0)
+    should_stop = False
+    if is_eval:
+      t_eval = time.perf_counter()
+      last_eval = evaluate(evaluators, state.params, eval_data, backend)
+      writer.write_scalars(step, last_eval)
+      logging.info("eval step %d: %s (%.1fs)", step,
+                   " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()),
+                   time.perf_counter() - t_eval)
+      if stopper:
+        improved, should_stop = stopper.update(step, last_eval)
+        if improved:
+          best_ckpt.save(step, backend.get_state(state))
+          logging.info("New best %s=%.4f at step %d", stopper.metric, stopper.best, step)
+        if should_stop:
+          logging.info("Early stopping at step %d: no %s improvement > %g for %d evals "
+                       "(best %.4f at step %d).", step, stopper.metric, stopper.min_delta,
+                       stopper.patience, stopper.best, stopper.best_step)
+      t0 += time.perf_counter() - t_eval  # eval time is not training throughput
+
+    if step == total or should_stop or (
+        config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
+      ckpt.save(step, backend.get_state(state))
+    if should_stop:
+      break
+
+  writer.flush()
+  ckpt.close()
+  if best_ckpt:
+    best_ckpt.close()
+  if not last_eval and start_step >= total:
+    last_eval = evaluate(evaluators, state.params, eval_data, backend)
+  return last_eval
