@@ -127,3 +127,33 @@ def test_full_eval_split_counted_once(tmp_path):
   result = train.train_and_evaluate(_small_config(data), str(tmp_path / "w"))
   assert result["eval/num_examples"] == 21
   assert 0.0 <= result["eval/accuracy"] <= 1.0
+
+
+def test_early_stopping_on_scripted_metric_keeps_best(tmp_path, monkeypatch):
+  # Evals every 2 steps see accuracy 0.5, 0.7 (best, step 4), 0.6, 0.65: with patience 2 the run
+  # stops at step 8, long before total_steps, and best/ holds the params of step 4.
+  scripted = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.9])
+  evaluated_at = []
+
+  def fake_evaluate(evaluators, params, eval_data, backend):
+    evaluated_at.append(True)
+    return {"eval/accuracy": next(scripted)}
+
+  monkeypatch.setattr(train, "evaluate", fake_evaluate)
+  data = _make_data(tmp_path / "data", n_train=16, n_test=8)
+  config = _small_config(data, total_steps=20, eval_every_steps=2, checkpoint_every_steps=2,
+                         keep_checkpoints=20)
+  config.early_stopping.metric, config.early_stopping.patience = "eval/accuracy", 2
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(config, workdir)
+
+  assert len(evaluated_at) == 4
+  latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  assert latest.latest_step() == 8
+  best = ocp.CheckpointManager(os.path.join(workdir, "best"))
+  assert best.all_steps() == [4]
+  want = latest.restore(4, args=ocp.args.StandardRestore())["params"]
+  got = best.restore(4, args=ocp.args.StandardRestore())["params"]
+  step8 = latest.restore(8, args=ocp.args.StandardRestore())["params"]
+  jax.tree.map(np.testing.assert_array_equal, want, got)
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(step8)))

@@ -33,7 +33,8 @@ class ClassificationTask:
     params = self.model.init(rng, image, train=False)["params"]
     if self.config.get("pretrained_path") or self.config.get("pretrained_dir"):
       from vit_jax import checkpoints_convert  # lazy: torch/safetensors only when used
-      params = checkpoints_convert.load_for_finetune(self.config, params)
+      params = checkpoints_convert.load_for_finetune(self.config, params,
+                                                     image_size=image.shape[1:3])
     return params
 
   def loss_fn(self, params, batch, rng) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:

@@ -1,0 +1,23 @@
+"""Public checkpoints <-> this ViT's Flax params.
+
+Reads upstream vision_transformer / AugReg / big_vision `.npz`, HF transformers ViT and timm
+`vit_*` (safetensors or weights-only torch pickles) and writes upstream `.npz` and HF
+directories. Importing this package (and reading `.npz`/`.safetensors`) needs no torch.
+
+  params = load(path, model_config, image_size=384)        # any format, auto-detected
+  params = load_for_finetune(config, params)               # the training loop's init hook
+  export_npz(params, "out.npz"); export_hf(params, model_config, "out_dir")
+"""
+from vit_jax.checkpoints_convert.common import Checkpoint
+from vit_jax.checkpoints_convert.common import CheckpointError
+from vit_jax.checkpoints_convert.common import CheckpointMismatchError
+from vit_jax.checkpoints_convert.common import UnsafeCheckpointError
+from vit_jax.checkpoints_convert.common import UnsupportedCheckpointError
+from vit_jax.checkpoints_convert.core import fit
+from vit_jax.checkpoints_convert.core import load
+from vit_jax.checkpoints_convert.core import load_for_finetune
+from vit_jax.checkpoints_convert.core import pretrained_path
+from vit_jax.checkpoints_convert.core import read
+from vit_jax.checkpoints_convert.npz import export_npz
+from vit_jax.checkpoints_convert.posemb import resample_posemb
+from vit_jax.checkpoints_convert.torch import export_hf

@@ -1,0 +1,315 @@
+"""Read any supported checkpoint, and fit it to a model's params tree (or raise).
+
+`read` detects the format and translates names/layouts to upstream's; `fit` makes the result
+match a target tree exactly: class-token row, position-embedding grid, head and pre_logits, dtype.
+"""
+import os
+import zipfile
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from absl import logging
+import numpy as np
+
+from vit_jax.checkpoints_convert import common
+from vit_jax.checkpoints_convert import npz
+from vit_jax.checkpoints_convert import posemb
+from vit_jax.checkpoints_convert import torch as torch_formats
+
+ImageSize = Union[int, Sequence[int]]
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _split_subtree(path: str) -> Tuple[str, Optional[str]]:
+  """big_vision's 'file.npz:img' -> ('file.npz', 'img'), when the part before ':' exists."""
+  if not os.path.exists(path) and ":" in path:
+    file, sub = path.rsplit(":", 1)
+    if os.path.exists(file):
+      return file, sub
+  return path, None
+
+
+def _kind(path: str) -> str:
+  """npz | safetensors | pickle, from the extension, else from the first bytes."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".npz":
+    return "npz"
+  if ext == ".safetensors":
+    return "safetensors"
+  if ext in (".bin", ".pth", ".pt", ".ckpt", ".pkl"):
+    return "pickle"
+  with open(path, "rb") as f:
+    head = f.read(9)
+  if head[:4] == b"PK\x03\x04":  # a zip: npz holds .npy members, torch.save holds data.pkl
+    with zipfile.ZipFile(path) as z:
+      return "npz" if all(n.endswith(".npy") for n in z.namelist()) else "pickle"
+  if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
+    return "safetensors"
+  return "pickle"
+
+
+def _read_torch_file(path: str) -> Dict[str, np.ndarray]:
+  if _kind(path) == "safetensors":
+    return torch_formats.read_safetensors(path)
+  return torch_formats.read_pickle(path)
+
+
+def read(path: str, *, num_heads: Optional[int] = None) -> common.Checkpoint:
+  """Reads and translates a checkpoint; the format is detected from the file and its keys.
+
+  Args:
+    path: an upstream/AugReg/big_vision `.npz` (big_vision's `file.npz:img` picks a sub-model),
+      an HF directory (config.json + model.safetensors or pytorch_model.bin, sharded or not),
+      or a single `.safetensors`/`.bin`/`.pth` file (HF or timm state dict).
+    num_heads: attention heads, for files that do not record them (timm, a bare HF file).
+  """
+  path, subtree = _split_subtree(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Checkpoint not found: {path}")
+  hf_config = None
+  if os.path.isdir(path):
+    hf_config = torch_formats.read_hf_config(path)
+    arrays = _read_hf_dir(path)
+  else:
+    hf_config = torch_formats.read_hf_config(os.path.dirname(os.path.abspath(path)))
+    kind = _kind(path)
+    arrays = npz.read_arrays(path) if kind == "npz" else _read_torch_file(path)
+
+  keys = list(arrays)
+  if npz.is_npz_tree(keys):
+    ckpt = npz.translate(arrays, subtree=subtree, path=path)
+  elif torch_formats.is_hf(keys):
+    ckpt = torch_formats.translate_hf(arrays, hf_config, num_heads=num_heads, path=path)
+  elif torch_formats.is_timm(keys):
+    ckpt = torch_formats.translate_timm(arrays, num_heads=num_heads, path=path)
+  else:
+    raise common.CheckpointError(
+        f"{path}: not a recognised ViT checkpoint (upstream/big_vision .npz, HF transformers ViT "
+        f"or timm vit_*). First keys: {sorted(keys)[:8]}")
+  _log(f"{ckpt.format}: {note}" for note in ckpt.notes)
+  return ckpt
+
+
+def _read_hf_dir(directory: str) -> Dict[str, np.ndarray]:
+  for name in _HF_FILES:
+    index = os.path.join(directory, name + ".index.json")
+    if os.path.exists(index):  # sharded: {"weight_map": {param: shard file}}
+      import json  # pylint: disable=g-import-not-at-top
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      arrays = {}
+      for shard in shards:
+        arrays.update(_read_torch_file(os.path.join(directory, shard)))
+      return arrays
+    if os.path.exists(os.path.join(directory, name)):
+      return _read_torch_file(os.path.join(directory, name))
+  raise common.CheckpointError(
+      f"{directory}: a directory, but none of {_HF_FILES} (or their .index.json) is in it.")
+
+
+def fit(ckpt: common.Checkpoint, target: Mapping[str, object], *, grid: Tuple[int, int],
+        resize_method: str, init: Optional[Mapping[str, np.ndarray]] = None,
+        head_bias_init: float = 0.0) -> Tuple[Dict[str, np.ndarray], List[str]]:
+  """Makes the checkpoint's flat params match `target` ({name: array or ShapeDtypeStruct}).
+
+  Args:
+    ckpt: from `read`.
+    target: the model's flat params (or their shapes), defining names, shapes and dtypes.
+    grid: (rows, cols) of the model's patch grid, for resampling position embeddings.
+    resize_method: see posemb.METHODS.
+    init: the model's initial values, used for a head (or pre_logits) the checkpoint cannot fill;
+      without it a new head is zeros (+ head_bias_init), as the model initialises it.
+  Returns:
+    ({name: np.ndarray in the target's dtype}, notes on what was done). Raises
+    CheckpointMismatchError listing every missing/unexpected key and shape mismatch.
+  """
+  src = dict(ckpt.params)
+  notes: List[str] = []
+  shape = lambda k: tuple(target[k].shape)
+
+  if "cls" in src and "cls" not in target:
+    src.pop("cls")
+    if common.POSEMB in src:
+      src[common.POSEMB] = src[common.POSEMB][:, 1:]
+    notes.append("dropped the class token and its position-embedding row (the model's "
+                 "classifier has no class token)")
+
+  if common.POSEMB in target:
+    prefix = int("cls" in target)
+    width = shape(common.POSEMB)[-1]
+    if common.POSEMB not in src and ckpt.posemb_kind == "sincos2d":
+      pe = posemb.sincos_2d(*grid, width)
+      src[common.POSEMB] = np.concatenate([np.zeros((1, prefix, width), pe.dtype), pe], axis=1)
+      notes.append(f"position embeddings: big_vision's fixed sincos2d computed for grid {grid}, "
+                   "now a learned parameter initialised to it")
+    elif common.POSEMB in src and prefix == int("cls" in src):
+      old = ckpt.grid
+      tokens = src[common.POSEMB].shape[1] - prefix
+      if not old or old[0] * old[1] != tokens:
+        old = posemb.grid_from_tokens(tokens)
+      if tuple(old) != tuple(grid):
+        src[common.POSEMB] = posemb.resample_posemb(
+            src[common.POSEMB], num_prefix=prefix, old_grid=old, new_grid=grid,
+            method=resize_method)
+        notes.append(f"resized position embeddings from grid {old[0]}x{old[1]} to "
+                     f"{grid[0]}x{grid[1]} ({resize_method})")
+
+  def fresh(name: str, what: str, why: str):
+    for leaf in ("kernel", "bias"):
+      k = f"{name}/{leaf}"
+      if init is not None:
+        src[k] = np.asarray(init[k])
+      else:
+        src[k] = np.full(shape(k), head_bias_init if leaf == "bias" else 0.0, np.float32)
+    notes.append(f"{what} re-initialised{' to zeros' if name == 'head' else ''} ({why})")
+
+  def same(name: str) -> bool:
+    return all(f"{name}/{l}" in src and tuple(src[f"{name}/{l}"].shape) == shape(f"{name}/{l}")
+               for l in ("kernel", "bias"))
+
+  for name, what in (("pre_logits", "pre_logits layer"), ("head", "head")):
+    if f"{name}/kernel" in target:
+      if same(name):
+        notes.append(f"kept the checkpoint's {what} {src[f'{name}/kernel'].shape}")
+      elif name == "pre_logits" and init is None:
+        pass  # no init to fall back to: reported below as missing or mismatched
+      else:
+        found = src.get(f"{name}/kernel")
+        why = ("checkpoint has none" if found is None else
+               f"checkpoint {tuple(found.shape)} vs model {shape(f'{name}/kernel')}")
+        fresh(name, what, why)
+    elif f"{name}/kernel" in src:
+      src.pop(f"{name}/kernel")
+      src.pop(f"{name}/bias", None)
+      notes.append(f"dropped the checkpoint's {what} (the model has none"
+                   + (": representation_size is None)" if name == "pre_logits" else ")"))
+
+  missing = sorted(k for k in target if k not in src)
+  unexpected = sorted(k for k in src if k not in target)
+  mismatched = sorted((k, shape(k), tuple(src[k].shape)) for k in target
+                      if k in src and tuple(src[k].shape) != shape(k))
+  if missing or unexpected or mismatched:
+    raise common.CheckpointMismatchError(
+        fmt=ckpt.format, path=ckpt.path, missing=missing, unexpected=unexpected,
+        mismatched=mismatched, hints=ckpt.hints)
+  out = {k: np.asarray(src[k]).astype(np.dtype(target[k].dtype)) for k in target}
+  return out, notes
+
+
+def _activation_warnings(ckpt: common.Checkpoint, model_config) -> List[str]:
+  """Warnings (not errors) where the model computes differently from the checkpoint's source."""
+  notes = []
+  if bool(model_config.get("approximate_gelu", True)) != ckpt.approximate_gelu:
+    notes.append(
+        f"WARNING: the checkpoint's model used {'tanh' if ckpt.approximate_gelu else 'erf'} gelu, "
+        f"this model approximate_gelu={model_config.get('approximate_gelu', True)}: outputs "
+        f"differ slightly (set model.approximate_gelu={ckpt.approximate_gelu} for parity)")
+  eps = float(model_config.get("layernorm_epsilon", 1e-6))
+  if not np.isclose(eps, ckpt.layernorm_epsilon, rtol=0, atol=1e-15):
+    notes.append(f"WARNING: the checkpoint's LayerNorm epsilon is {ckpt.layernorm_epsilon:g}, "
+                 f"this model's {eps:g} (set model.layernorm_epsilon for parity)")
+  return notes
+
+
+def _log(notes):
+  for note in notes:
+    logging.info("checkpoints_convert: %s", note)
+
+
+def fit_to_model(ckpt: common.Checkpoint, model_config=None, *,
+                 image_size: Optional[ImageSize] = None, num_classes: Optional[int] = -1,
+                 resize_method: str = "bilinear"):
+  """`load` for a checkpoint already `read`: returns (params, model_config, notes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  if model_config is None:
+    model_config = ckpt.model_config()
+    warnings = []
+  else:
+    warnings = _activation_warnings(ckpt, model_config)
+  if num_classes == -1:
+    num_classes = ckpt.num_classes
+  h, w = vit._pair(image_size or ckpt.image_size())  # pylint: disable=protected-access
+  model = vit.VisionTransformer(num_classes=num_classes, **models.model_kwargs(model_config))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3))))
+  target = common.flatten(shapes["params"])
+  params, fit_notes = fit(ckpt, target, grid=vit.posemb_grid(model_config, (h, w)),
+                          resize_method=resize_method,
+                          head_bias_init=float(model_config.get("head_bias_init", 0.0)))
+  _log(warnings + fit_notes)  # read() logged the checkpoint's own notes
+  return common.unflatten(params), model_config, ckpt.notes + warnings + fit_notes
+
+
+def load(path: str, model_config=None, *, image_size: Optional[ImageSize] = None,
+         num_classes: Optional[int] = -1, resize_method: str = "bilinear"):
+  """Loads any supported checkpoint as params of `VisionTransformer(num_classes, **model_config)`.
+
+  Args:
+    path: see `read`.
+    model_config: the model config (configs/models.py); None infers it from the checkpoint.
+    image_size: int or (height, width) the model will run at; default: the checkpoint's own.
+      Position embeddings are resampled to the model's grid when it differs.
+    num_classes: head size; -1 (default) keeps the checkpoint's head (None: no head). A
+      different size gets a zero-initialised head.
+    resize_method: posemb.METHODS.
+  Returns:
+    A nested dict of numpy arrays matching the model's params tree exactly. Raises
+    CheckpointMismatchError (a ValueError) naming the format and every mismatch.
+  """
+  heads = model_config.transformer.num_heads if model_config is not None else None
+  return fit_to_model(read(path, num_heads=heads), model_config, image_size=image_size,
+                      num_classes=num_classes, resize_method=resize_method)[0]
+
+
+def pretrained_path(config) -> str:
+  """`config.pretrained_path`, else upstream's `{pretrained_dir}/{model_name}.npz`."""
+  if config.get("pretrained_path"):
+    return config.pretrained_path
+  name = config.get("model_name") or config.model.get("name")
+  if not config.get("pretrained_dir") or not name:
+    raise ValueError("Set config.pretrained_path, or config.pretrained_dir and "
+                     "config.model_name (upstream's {pretrained_dir}/{model_name}.npz).")
+  path = os.path.join(config.pretrained_dir, f"{name}.npz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} (config.pretrained_dir/config.model_name.npz) does not exist. Upstream and "
+        "AugReg files are at https://storage.googleapis.com/vit_models/{imagenet21k,"
+        f"imagenet21k+imagenet2012,augreg}}/{name}.npz (download them; nothing is fetched here).")
+  return path
+
+
+def load_for_finetune(config, params: Mapping, *, image_size: Optional[ImageSize] = None):
+  """Fine-tuning init: the pretrained checkpoint fitted to the freshly initialised `params`.
+
+  Reads `config.pretrained_path` (or `{config.pretrained_dir}/{config.model_name}.npz`, as
+  upstream), translates it, resamples position embeddings to the model's grid with
+  `config.posemb_resize_method`, keeps the head when its shape matches and otherwise takes the
+  (zero) head from `params`, drops pre_logits when `config.model.representation_size` is None
+  (upstream's "drop-head variant"), and logs each of those steps.
+
+  Args:
+    config: the training config (`model`, `pretrained_*`, `posemb_resize_method`).
+    params: the model's initial params (`model.init(...)['params']`).
+    image_size: (height, width) the model runs at; needed only for a non-square patch grid
+      (otherwise it is read off the position embedding's shape).
+  Returns:
+    A tree with exactly `params`' structure, shapes and dtypes, holding numpy arrays.
+  """
+  path = pretrained_path(config)
+  model_config = config.model
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  ckpt = read(path, num_heads=model_config.transformer.num_heads)
+  target = common.flatten(params)
+  if image_size is not None:
+    grid = vit.posemb_grid(model_config, image_size)
+  else:  # square: the only grid the position embedding's length alone tells
+    grid = posemb.grid_from_tokens(target[common.POSEMB].shape[1] - int("cls" in target))
+  out, fit_notes = fit(ckpt, target, grid=grid,
+                       resize_method=config.get("posemb_resize_method", "bilinear"),
+                       init=target)
+  logging.info("checkpoints_convert: loaded %s (%s), %d params", path, ckpt.format,
+               common.num_params(out))
+  _log(_activation_warnings(ckpt, model_config) + fit_notes)
+  return common.unflatten(out)
