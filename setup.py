@@ -15,6 +15,7 @@ setup(
         "tensorflow-cpu>=2.21",  # the input pipeline only; JAX does the accelerator work
         "tensorboard>=2.21",  # clu's SummaryWriter needs it; tensorflow-cpu 2.21 does not pull it
         "tensorflow-datasets>=4.9.10",
+        "importlib_resources",  # tfds download_and_prepare imports it (tfds_download=True)
         "ml-collections>=1.1.0",
         "clu>=0.0.12",
         "numpy>=2.0",

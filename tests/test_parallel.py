@@ -21,14 +21,14 @@ def _config(parallelism, **overrides):
   return c
 
 
-def _run(parallelism, steps=3, **overrides):
+def _run(parallelism, steps=3, batch=16, **overrides):
   """Runs `steps` train steps from a fixed init on fixed batches; returns host params."""
-  config = _config(parallelism, **overrides)
+  config = _config(parallelism, batch=batch, **overrides)
   backend = parallel.get_backend(config)
   task = train.get_task(config)
   rng = np.random.RandomState(0)
-  batches = [{"image": rng.randn(16, 8, 8, 1).astype(np.float32),
-              "labels": np.eye(10, dtype=np.float32)[rng.randint(0, 10, 16)]}
+  batches = [{"image": rng.randn(batch, 8, 8, 1).astype(np.float32),
+              "labels": np.eye(10, dtype=np.float32)[rng.randint(0, 10, batch)]}
              for _ in range(max(steps, 1))]
   params = task.init_params(jax.random.PRNGKey(0), batches[0])
   # A zero head gives zero gradients to everything below it at step 1: perturb it.
@@ -60,8 +60,9 @@ def test_pmap_and_pjit_agree():
 
 @pytest.mark.parametrize("parallelism", ["pmap", "pjit"])
 def test_accum_steps_matches_full_batch(parallelism):
-  full, _ = _run(parallelism, steps=1)
-  accum, _ = _run(parallelism, steps=1, accum_steps=2)
+  # 32 examples over 8 devices, 4 micro-batches: one example per device per micro-batch.
+  full, _ = _run(parallelism, steps=1, batch=32)
+  accum, _ = _run(parallelism, steps=1, batch=32, accum_steps=4)
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), full, accum))
   assert max(diffs) <= 1e-5, max(diffs)
 

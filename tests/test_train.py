@@ -157,3 +157,12 @@ def test_early_stopping_on_scripted_metric_keeps_best(tmp_path, monkeypatch):
   step8 = latest.restore(8, args=ocp.args.StandardRestore())["params"]
   jax.tree.map(np.testing.assert_array_equal, want, got)
   assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(step8)))
+
+
+def test_recipe_field_sets_param_groups():
+  config = vit_config.get_config("b16,cifar10,freeze6")
+  regex, group = config.param_groups[0]
+  assert group["frozen"] and "encoderblock_(0|1|2|3|4|5)" in regex
+  assert vit_config.get_config("b16,cifar10,layerwise_decay").layerwise_lr_decay == 0.65
+  with pytest.raises(ValueError, match="Unknown recipe 'freez'"):
+    vit_config.get_config("b16,cifar10,freez")

@@ -252,7 +252,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
 
     if step % config.log_every_steps == 0 or step == total or step == start_step + 1:
       fetched = backend.fetch(pending)
-      mean_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      # Losses and accuracies are averaged over the interval; learning rates are shown as of now.
+      mean_metrics = {k: float(fetched[-1][k] if k.startswith("lr/") else
+                               np.mean([m[k] for m in fetched])) for k in fetched[0]}
       now = time.perf_counter()
       # The first step includes compilation: rates start from the step after it.
       sps = (step - step0) / (now - t0) if step > start_step + 1 else 0.0
