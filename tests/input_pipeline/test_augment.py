@@ -164,6 +164,21 @@ def test_augreg_levels(level):
       == level
 
 
+def test_aug_level_from_checkpoint_filename():
+  name = "S_16-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0"
+  pp = "decode|flip_lr|value_range(-1,1)|onehot(10)"
+  config = util.make_config(aug_level="checkpoint", pp_train=pp)
+  config.pretrained_path = f"/ckpt/{name}--imagenet2012-steps_20k-lr_0.01-res_384.npz"
+  assert augreg.resolve(config) == ("decode|flip_lr|randaug(2,15)|value_range(-1,1)|onehot(10)",
+                                    0.5)
+  config.pretrained_path, config.model_name = None, name.replace("medium2", "light1")
+  assert augreg.resolve(config) == ("decode|flip_lr|randaug(2,0)|value_range(-1,1)|onehot(10)",
+                                    0.0)
+  config.model_name = "ViT-B_16"
+  with pytest.raises(ValueError, match="name none"):
+    augreg.resolve(config)
+
+
 def test_augreg_errors():
   assert augreg.level_from_filename("ViT-B_16.npz") is None
   with pytest.raises(ValueError, match="Unknown AugReg level 'huge'"):

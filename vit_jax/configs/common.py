@@ -73,7 +73,8 @@ def add_input_keys(c: ml_collections.ConfigDict) -> None:
   c.skip_corrupt = False
   c.tfds_download = False  # tfds source: download_and_prepare a dataset missing from tfds_data_dir
   c.input_threads = 2  # tf.data private threadpool size: leaves the other cores to JAX
-  c.aug_level = config_dict.placeholder(str)  # AugReg level none|light1|...|strong2: randaug + mixup
+  c.aug_level = config_dict.placeholder(str)  # AugReg level none|light1|...|strong2 (randaug +
+  # mixup), or "checkpoint": the level in the pretrained_path / model_name AugReg filename
   c.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup on train batches; 0: off
   c.cutmix_alpha = 0.0  # Beta(alpha, alpha) cutmix on train batches; 0: off
   c.mix_switch_prob = 0.5  # with both alphas > 0: probability that a batch gets cutmix, else mixup

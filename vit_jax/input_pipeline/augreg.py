@@ -1,6 +1,7 @@
 """AugReg augmentation levels (Steiner et al. 2021, "How to train your ViT?"): mixup alpha and
 RandAugment (layers, magnitude) per level, and the level named in an AugReg checkpoint filename."""
 import dataclasses
+import logging
 import re
 
 
@@ -44,6 +45,22 @@ def level_from_filename(filename: str) -> str | None:
   return m.group(1)
 
 
+FROM_CHECKPOINT = "checkpoint"  # config.aug_level: the level in the pretrained file's name
+
+
+def _level_of_pretrained(config) -> str:
+  """The AugReg level named by config.pretrained_path, else by config.model_name."""
+  names = [n for n in (config.get("pretrained_path"), config.get("model_name")) if n]
+  for n in names:
+    level = level_from_filename(n)
+    if level is not None:
+      logging.info("config.aug_level=%r: AugReg level %r from %s", FROM_CHECKPOINT, level, n)
+      return level
+  raise ValueError(f"config.aug_level={FROM_CHECKPOINT!r} takes the level from an AugReg "
+                   "checkpoint filename (..-aug_medium1-..), but config.pretrained_path / "
+                   f"config.model_name {names or '(both unset)'} name none.")
+
+
 def insert_randaug(pp: str, num_layers: int, magnitude: int) -> str:
   """Puts randaug(num_layers, magnitude) into a pp string where pixels are still uint8: before the
   first value_range/normalize, else before the label ops, else at the end."""
@@ -64,6 +81,8 @@ def resolve(config) -> tuple[str, float]:
   name = config.aug_level
   if not name:
     return pp, alpha
+  if name == FROM_CHECKPOINT:
+    name = _level_of_pretrained(config)
   level = get_level(name)
   if "randaug" in pp:
     raise ValueError(f"config.aug_level={name!r} sets RandAugment, but pp.train already has one: "
