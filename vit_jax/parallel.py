@@ -85,6 +85,7 @@ class PmapBackend(Backend):
     self.n_local = len(self.devices)
     # pmap's inputs carry a leading local-device axis; this sharding puts row i on device i.
     self.stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS))
+    self.global_replicated = NamedSharding(Mesh(np.asarray(jax.devices()), (AXIS,)), P())
     check_batch(config.batch // jax.process_count(), self.n_local,
                 "per-process batch (config.batch / process_count)")
     check_batch(config.batch_eval // jax.process_count(), self.n_local,
@@ -99,7 +100,14 @@ class PmapBackend(Backend):
                                  self.stacked), tree)
 
   def get_state(self, tree):
-    return jax.tree.map(lambda x: x[0], tree)
+    first = jax.tree.map(lambda x: x[0], tree)
+    if jax.process_count() == 1:
+      return first
+    # Device 0's copy is host-local; orbax (and every other multi-host consumer) needs global
+    # arrays: make it one, fully replicated over all processes' devices.
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.global_replicated, np.asarray(x)),
+        first)
 
   def put_batch(self, batch):
     def put(x):
@@ -139,6 +147,12 @@ class PjitBackend(Backend):
     return tree
 
   def put_state(self, tree):
+    if jax.process_count() > 1:
+      # Every process holds the full values (fresh init, or restored from a checkpoint onto its
+      # own devices): build the global array from each process's copy; a device_put would be a
+      # cross-host transfer, which CPU and most GPU back-ends do not do.
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
     return jax.device_put(tree, self.replicated)
 
   def get_state(self, tree):
