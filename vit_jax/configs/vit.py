@@ -68,7 +68,7 @@ def _fashion_mnist(c: ml_collections.ConfigDict) -> None:
   c.data_dir = FASHION_MNIST_DIR
   c.num_classes = 10
   c.train_split, c.eval_split = "train", "test"
-  c.total_steps = 3300  # 7 epochs of 60k at batch 128
+  c.total_steps = 3000  # 6.4 epochs of 60k at batch 128: under 10 min on 2 slow cores
   c.warmup_steps = 200
   c.optimizer = "adamw"
   c.base_lr = 2e-3
