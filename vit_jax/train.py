@@ -297,5 +297,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   if best_ckpt:
     best_ckpt.close()
   if not last_eval and start_step >= total:
+    # A finished run restarted in its workdir: nothing to train, report the final model again.
     last_eval = evaluate(evaluators, state.params, eval_data, backend)
+    logging.info("eval step %d (already trained to total_steps=%d): %s", start_step, total,
+                 " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
   return last_eval
