@@ -144,9 +144,9 @@ def main():
   if args.upstream:
     if not os.path.exists(os.path.join(args.upstream, "vit_jax", "models_vit.py")):
       sys.exit(f"--upstream {args.upstream}: no vit_jax/models_vit.py there.")
-    argv = [a for a in sys.argv[1:]]
     env = dict(os.environ, PYTHONPATH=os.path.abspath(args.upstream))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--upstream-worker"],
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+                           "--upstream-worker"],
                           env=env, cwd=os.path.abspath(args.upstream), stdout=subprocess.PIPE,
                           text=True, check=True)
     for line in proc.stdout.splitlines():

@@ -12,14 +12,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from tests.input_pipeline import util
 from vit_jax import input_pipeline
-from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import train
 from vit_jax.configs import vit as vit_config
@@ -79,10 +77,8 @@ def _single_process_state(config):
   backend = parallel.get_backend(config)
   task = train.get_task(config)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))  # as train.py
-  params = task.init_params(init_rng, batches[0])
-  tx, schedules = optim.make_optimizer(config, params)
-  state = backend.put_state(train.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                                             opt_state=tx.init(params)))
+  state, tx, schedules = train.create_train_state(config, task, init_rng, batches[0])
+  state = backend.put_state(state)
   step = backend.compile_train_step(
       train.make_train_step(task.loss_fn, tx, schedules, backend.mean, config.accum_steps))
   for b in batches:

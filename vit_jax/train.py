@@ -99,6 +99,15 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return step
 
 
+def create_train_state(config, task, rng: jax.Array, batch) -> Tuple[TrainState, Any, Dict]:
+  """Step-0 state for `task` (params for `batch`'s shapes, pretrained if the config says so) and
+  the optimizer: returns (state, tx, schedules), on the host, before `backend.put_state`."""
+  params = task.init_params(rng, batch)
+  tx, schedules = optim.make_optimizer(config, params)
+  state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params))
+  return state, tx, schedules
+
+
 class EarlyStopping:
   """Stops when `metric` has not improved by `min_delta` for `patience` evaluations.
 
@@ -175,6 +184,10 @@ def _format_line(step: int, total: int, metrics: Dict[str, float], steps_per_s: 
   return " ".join(parts)
 
 
+def _format_eval(metrics: Dict[str, float]) -> str:
+  return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
 def evaluate(evaluators, params, eval_data, backend) -> Dict[str, float]:
   """Runs every evaluator over one full pass of `eval_data`; returns `{name/metric: value}`."""
   results = {}
@@ -215,11 +228,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
                                             process_count=pcount)
 
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  params = task.init_params(init_rng, first_batch)
-  tx, schedules = optim.make_optimizer(config, params)
-  state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params))
-  logging.info("Parameters: %s; optimizer state: %.1f MB", f"{optim.tree_bytes(params) // 4:,}"
-               if config.param_dtype == "float32" else optim.tree_bytes(params),
+  state, tx, schedules = create_train_state(config, task, init_rng, first_batch)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("Parameters: %s; optimizer state: %.1f MB", f"{num_params:,}",
                optim.tree_bytes(state.opt_state) / 2**20)
   if start_step:
     state = ckpt.restore(start_step, state)
@@ -272,8 +283,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
       t_eval = time.perf_counter()
       last_eval = evaluate(evaluators, state.params, eval_data, backend)
       writer.write_scalars(step, last_eval)
-      logging.info("eval step %d: %s (%.1fs)", step,
-                   " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()),
+      logging.info("eval step %d: %s (%.1fs)", step, _format_eval(last_eval),
                    time.perf_counter() - t_eval)
       if stopper:
         improved, should_stop = stopper.update(step, last_eval)
@@ -300,5 +310,5 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
     # A finished run restarted in its workdir: nothing to train, report the final model again.
     last_eval = evaluate(evaluators, state.params, eval_data, backend)
     logging.info("eval step %d (already trained to total_steps=%d): %s", start_step, total,
-                 " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+                 _format_eval(last_eval))
   return last_eval

@@ -20,8 +20,10 @@ def _timm():
   try:
     import timm  # pylint: disable=g-import-not-at-top
   except Exception as e:  # pylint: disable=broad-except  # torchvision op registration errors too
-    pytest.skip(f"timm does not import here ({type(e).__name__}: {e}); it needs torchvision, "
-                "see known-good-versions.txt for the torch 2.14.1 + torchvision 0.29.1 build")
+    pytest.skip(f"timm does not import here ({type(e).__name__}: {e}). It is not in the test "
+                "extras on purpose: it needs torchvision, which does not import beside the pinned "
+                "CPU torch 2.13.0; run these in the torch 2.14.1 + torchvision 0.29.1 + timm venv "
+                "of the README's Testing section")
   return timm
 
 
