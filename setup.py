@@ -22,6 +22,8 @@ setup(
         "safetensors>=0.8.0",  # checkpoint conversion without torch
         "scipy",  # upstream's position-embedding zoom
         "absl-py",
+        "tokenizers>=0.23.3",  # CLIP BPE (input_pipeline/tokenizer.py)
+        "ftfy>=6.3.1",  # CLIP text clean-up, as OpenAI; pure Python
     ],
     extras_require={
         # Parity tests against the PyTorch references. torch is pinned: this version's CPU wheel is
@@ -33,6 +35,7 @@ setup(
             "transformers==5.23.0",
             "safetensors>=0.8.0",
             "pillow",
+            "instant-clip-tokenizer==0.1.1",  # independent CLIP token ids
         ],
         "torch": ["torch==2.13.0", "transformers==5.23.0"],
     },
