@@ -1,13 +1,19 @@
-"""Public checkpoints <-> this ViT's Flax params.
+"""Public checkpoints <-> this codebase's Flax params (ViT and CLIP).
 
 Reads upstream vision_transformer / AugReg / big_vision `.npz`, HF transformers ViT and timm
-`vit_*` (safetensors or weights-only torch pickles) and writes upstream `.npz` and HF
-directories. Importing this package (and reading `.npz`/`.safetensors`) needs no torch.
+`vit_*`, and HF transformers `CLIPModel` (safetensors or weights-only torch pickles); writes
+upstream `.npz` and HF directories. Importing this package (and reading `.npz`/`.safetensors`)
+needs no torch.
 
-  params = load(path, model_config, image_size=384)        # any format, auto-detected
+  params = load(path, model_config, image_size=384)        # ViT, any format, auto-detected
+  model, params = load_model(path, image_size=..., context_length=...)   # ViT or CLIP
   params = load_for_finetune(config, params)               # the training loop's init hook
-  export_npz(params, "out.npz"); export_hf(params, model_config, "out_dir")
+  export_npz(params, "out.npz", model_config); export_hf(params, model_config, "out_dir")
+  export_hf_clip(params, clip_config, "out_dir")           # HF CLIPModel directory
 """
+from vit_jax.checkpoints_convert.clip import export_hf_clip
+from vit_jax.checkpoints_convert.clip import hf_clip_state_dict
+from vit_jax.checkpoints_convert.clip import translate_hf_clip
 from vit_jax.checkpoints_convert.common import Checkpoint
 from vit_jax.checkpoints_convert.common import CheckpointError
 from vit_jax.checkpoints_convert.common import CheckpointMismatchError
@@ -16,6 +22,7 @@ from vit_jax.checkpoints_convert.common import UnsupportedCheckpointError
 from vit_jax.checkpoints_convert.core import fit
 from vit_jax.checkpoints_convert.core import load
 from vit_jax.checkpoints_convert.core import load_for_finetune
+from vit_jax.checkpoints_convert.core import load_model
 from vit_jax.checkpoints_convert.core import pretrained_path
 from vit_jax.checkpoints_convert.core import read
 from vit_jax.checkpoints_convert.npz import export_npz

@@ -2,10 +2,11 @@
 
 `read` detects the format and translates names/layouts to upstream's; `fit` makes the result
 match a target tree exactly: class-token row, position-embedding grid, head and pre_logits, dtype.
+`load_model` does both for ViT and CLIP files alike and also builds the flax module.
 """
 import os
 import zipfile
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import numpy as np
@@ -53,8 +54,32 @@ def _read_torch_file(path: str) -> Dict[str, np.ndarray]:
   return torch_formats.read_pickle(path)
 
 
+class State(NamedTuple):
+  """A checkpoint file's raw contents, before any translation."""
+  path: str  # the file or directory (without big_vision's ':subtree')
+  subtree: Optional[str]  # big_vision's 'file.npz:img' part
+  arrays: Dict[str, np.ndarray]  # the file's own names
+  hf_config: Optional[dict]  # config.json beside (or in) it, if any
+
+
+def read_state(path: str) -> State:
+  """Reads a checkpoint's arrays (and config.json) under the file's own names: an `.npz`, an HF
+  directory (model.safetensors or pytorch_model.bin, sharded or not) or one torch/safetensors
+  file. Pickles are read refusing code execution (see torch.read_pickle)."""
+  path, subtree = _split_subtree(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Checkpoint not found: {path}")
+  if os.path.isdir(path):
+    hf_config = torch_formats.read_hf_config(path)
+    arrays = _read_hf_dir(path)
+  else:
+    hf_config = torch_formats.read_hf_config(os.path.dirname(os.path.abspath(path)))
+    arrays = npz.read_arrays(path) if _kind(path) == "npz" else _read_torch_file(path)
+  return State(path, subtree, arrays, hf_config)
+
+
 def read(path: str, *, num_heads: Optional[int] = None) -> common.Checkpoint:
-  """Reads and translates a checkpoint; the format is detected from the file and its keys.
+  """Reads and translates a ViT checkpoint; the format is detected from the file and its keys.
 
   Args:
     path: an upstream/AugReg/big_vision `.npz` (big_vision's `file.npz:img` picks a sub-model),
@@ -62,19 +87,18 @@ def read(path: str, *, num_heads: Optional[int] = None) -> common.Checkpoint:
       or a single `.safetensors`/`.bin`/`.pth` file (HF or timm state dict).
     num_heads: attention heads, for files that do not record them (timm, a bare HF file).
   """
-  path, subtree = _split_subtree(os.fspath(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Checkpoint not found: {path}")
-  hf_config = None
-  if os.path.isdir(path):
-    hf_config = torch_formats.read_hf_config(path)
-    arrays = _read_hf_dir(path)
-  else:
-    hf_config = torch_formats.read_hf_config(os.path.dirname(os.path.abspath(path)))
-    kind = _kind(path)
-    arrays = npz.read_arrays(path) if kind == "npz" else _read_torch_file(path)
+  return translate(read_state(path), num_heads=num_heads)
 
+
+def translate(state: State, *, num_heads: Optional[int] = None) -> common.Checkpoint:
+  """`read` for a file already read with `read_state`."""
+  from vit_jax.checkpoints_convert import clip  # pylint: disable=g-import-not-at-top
+  path, subtree, arrays, hf_config = state
   keys = list(arrays)
+  if clip.is_clip(keys):
+    raise common.CheckpointError(
+        f"{path}: a CLIP checkpoint ({clip.describe_format(keys)}), not a ViT: load it "
+        "with checkpoints_convert.load_model(path) (or checkpoints_convert.clip.read).")
   if npz.is_npz_tree(keys):
     ckpt = npz.translate(arrays, subtree=subtree, path=path)
   elif torch_formats.is_hf(keys):
@@ -183,16 +207,23 @@ def fit(ckpt: common.Checkpoint, target: Mapping[str, object], *, grid: Tuple[in
       notes.append(f"dropped the checkpoint's {what} (the model has none"
                    + (": representation_size is None)" if name == "pre_logits" else ")"))
 
+  return match_target(src, target, fmt=ckpt.format, path=ckpt.path, hints=ckpt.hints), notes
+
+
+def match_target(src: Mapping[str, np.ndarray], target: Mapping[str, object], *, fmt: str,
+                 path: str, hints: Mapping[str, str] = ()) -> Dict[str, np.ndarray]:
+  """{name: array} with exactly `target`'s names and shapes, in its dtypes, or raise
+  CheckpointMismatchError listing every missing/unexpected name and shape mismatch."""
+  shape = lambda k: tuple(target[k].shape)
   missing = sorted(k for k in target if k not in src)
   unexpected = sorted(k for k in src if k not in target)
-  mismatched = sorted((k, shape(k), tuple(src[k].shape)) for k in target
-                      if k in src and tuple(src[k].shape) != shape(k))
+  mismatched = sorted((k, shape(k), tuple(np.shape(src[k]))) for k in target
+                      if k in src and tuple(np.shape(src[k])) != shape(k))
   if missing or unexpected or mismatched:
     raise common.CheckpointMismatchError(
-        fmt=ckpt.format, path=ckpt.path, missing=missing, unexpected=unexpected,
-        mismatched=mismatched, hints=ckpt.hints)
-  out = {k: np.asarray(src[k]).astype(np.dtype(target[k].dtype)) for k in target}
-  return out, notes
+        fmt=fmt, path=path, missing=missing, unexpected=unexpected, mismatched=mismatched,
+        hints=hints)
+  return {k: np.asarray(src[k]).astype(np.dtype(target[k].dtype)) for k in target}
 
 
 def _activation_warnings(ckpt: common.Checkpoint, model_config) -> List[str]:
@@ -217,8 +248,11 @@ def _log(notes):
 
 def fit_to_model(ckpt: common.Checkpoint, model_config=None, *,
                  image_size: Optional[ImageSize] = None, num_classes: Optional[int] = -1,
-                 resize_method: str = "bilinear"):
-  """`load` for a checkpoint already `read`: returns (params, model_config, notes)."""
+                 resize_method: str = "bilinear", module_kwargs: Optional[Mapping] = None):
+  """`load` for a checkpoint already `read`: returns (params, model_config, notes).
+
+  module_kwargs: extra VisionTransformer arguments (dtype, param_dtype, remat).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
@@ -232,7 +266,8 @@ def fit_to_model(ckpt: common.Checkpoint, model_config=None, *,
   if num_classes == -1:
     num_classes = ckpt.num_classes
   h, w = vit._pair(image_size or ckpt.image_size())  # pylint: disable=protected-access
-  model = vit.VisionTransformer(num_classes=num_classes, **models.model_kwargs(model_config))
+  model = vit.VisionTransformer(num_classes=num_classes, **models.model_kwargs(model_config),
+                                **dict(module_kwargs or {}))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3))))
   target = common.flatten(shapes["params"])
   params, fit_notes = fit(ckpt, target, grid=vit.posemb_grid(model_config, (h, w)),
@@ -261,6 +296,84 @@ def load(path: str, model_config=None, *, image_size: Optional[ImageSize] = None
   heads = model_config.transformer.num_heads if model_config is not None else None
   return fit_to_model(read(path, num_heads=heads), model_config, image_size=image_size,
                       num_classes=num_classes, resize_method=resize_method)[0]
+
+
+def override_config(model_config, overrides: Mapping[str, object]):
+  """A copy of `model_config` with `overrides` applied: top-level keys, or a mapping merged
+  into a section (`text={"dropout_rate": 0.1}`). Unknown keys raise (a typo must not pass)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(model_config.to_dict())
+  for key, value in overrides.items():
+    if key not in c:
+      raise TypeError(f"Unknown model config key {key!r}: expected one of {sorted(c.keys())}.")
+    if isinstance(c[key], ml_collections.ConfigDict) and isinstance(value, Mapping):
+      for sub, v in value.items():
+        if sub not in c[key]:
+          raise TypeError(f"Unknown model config key {key}.{sub}: expected one of "
+                          f"{sorted(c[key].keys())}.")
+        c[key][sub] = v
+    else:
+      c[key] = value
+  return c
+
+
+def load_model(path: str, *, model_config=None, image_size: Optional[ImageSize] = None,
+               context_length: Optional[int] = None, num_classes: Optional[int] = -1,
+               resize_method: str = "bilinear", text_resize_method: str = "truncate",
+               num_heads: Optional[int] = None, dtype="float32", param_dtype="float32",
+               remat: bool = False, **overrides):
+  """Builds the flax module a checkpoint holds, ViT or CLIP (told from its keys), and its params.
+
+    model, params = load_model("openai-clip-vit-base-patch32/")   # HF CLIPModel directory
+    out = model.apply({"params": params}, images, tokens)
+
+  Args:
+    path: any file `read` takes, an HF `CLIPModel` directory or file, or a CLIP `.npz` written by
+      this package.
+    model_config: the model config to build; None: inferred from the checkpoint.
+    image_size: int or (height, width) to run at; position embeddings are resampled to it with
+      `resize_method` (posemb.METHODS). Default: the checkpoint's own.
+    context_length: CLIP only: text tokens per sequence; a shorter one keeps the first position
+      embeddings (`text_resize_method="truncate"`, as OWL-ViT does with 16) or resamples them
+      (a posemb.METHODS name, e.g. "bilinear").
+    num_classes: ViT only: as `load` (-1 keeps the checkpoint's head).
+    num_heads: ViT only: attention heads, for files that do not record them.
+    dtype, param_dtype, remat: module arguments.
+    **overrides: model-config keys to change (`layernorm_epsilon=1e-6`, or for a section
+      `text={"dropout_rate": 0.1}`).
+  Returns:
+    (flax module, nested dict of numpy arrays matching its params tree exactly). Raises
+    CheckpointMismatchError (a ValueError) naming the format and every mismatch.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints_convert import clip  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  module_kwargs = dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat)
+  state = read_state(path)
+  if clip.is_clip(list(state.arrays)):
+    if num_classes != -1 or num_heads is not None:
+      raise TypeError(f"{state.path} is a CLIP checkpoint: num_classes and num_heads are ViT "
+                      "options (the heads come from config.json or the kernels' shapes).")
+    return clip.load_state(
+        state, model_config=model_config, image_size=image_size, context_length=context_length,
+        resize_method=resize_method, text_resize_method=text_resize_method,
+        module_kwargs=module_kwargs, overrides=overrides)
+  if context_length is not None:
+    raise TypeError(f"{state.path} is a ViT checkpoint: context_length is a CLIP option.")
+  if num_heads is None and model_config is not None:
+    num_heads = model_config.transformer.num_heads
+  ckpt = translate(state, num_heads=num_heads)
+  if overrides:
+    model_config = override_config(
+        model_config if model_config is not None else ckpt.model_config(), overrides)
+  params, model_config, _ = fit_to_model(
+      ckpt, model_config, image_size=image_size, num_classes=num_classes,
+      resize_method=resize_method, module_kwargs=module_kwargs)
+  num_classes = params["head"]["kernel"].shape[-1] if "head" in params else None
+  model = vit.VisionTransformer(num_classes=num_classes, **models.model_kwargs(model_config),
+                                **module_kwargs)
+  return model, params
 
 
 def pretrained_path(config) -> str:

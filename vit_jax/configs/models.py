@@ -1,9 +1,13 @@
-"""ViT model presets: upstream widths/depths/heads/MLP sizes, plus small presets for a CPU demo.
+"""Model presets: ViT (upstream widths/depths/heads/MLP sizes) and CLIP (OpenAI's), plus small
+presets for a CPU demo and for tests.
 
-Each preset returns the `config.model` ConfigDict that `VisionTransformer(**config.model)` takes,
-with upstream's field names (`patches.size`, `hidden_size`, `transformer.*`, `classifier`,
-`representation_size`).
+`get_model_config` returns the `config.model` ConfigDict that
+`VisionTransformer(**model_kwargs(config.model))` takes, with upstream's field names
+(`patches.size`, `hidden_size`, `transformer.*`, `classifier`, `representation_size`).
+`get_clip_config` returns the one `CLIP(**clip_kwargs(config.model))` takes (models/clip.py).
 """
+import math
+
 import ml_collections
 
 # name: (hidden_size, mlp_dim, num_heads, num_layers); the patch size comes from the name.
@@ -65,4 +69,102 @@ def model_kwargs(model_config) -> dict:
   """Keyword arguments for `VisionTransformer` from a model config (drops the `name` field)."""
   kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
   kwargs["model_name"] = kwargs.pop("name", None)
+  return kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP presets. OpenAI widths (scenic's clip CONFIGS, HF's openai/clip-vit-*); every tower uses
+# quick_gelu, LayerNorm eps 1e-5, a bias-free patch embedding and projections, and ln_pre.
+
+# name: (patch, image_size, vision (width, layers, heads), text (width, layers, heads), embed_dim)
+_CLIP = {
+    "B": ((32, 16), 224, (768, 12, 12), (512, 12, 8), 512),
+    "L": ((14,), 224, (1024, 24, 16), (768, 12, 12), 768),
+    # CPU demo: patch 7 at 28 px (a 4x4 grid, as the ViT mu7), patch 16/32 at 64/128 px.
+    "mu": ((7, 16, 32), None, (128, 4, 4), (128, 4, 4), 128),
+    "nano": ((4,), 16, (32, 2, 2), (32, 2, 2), 32),  # tests: width <= 64, <= 2 layers
+}
+_CLIP_DEFAULT_PATCH = {"mu": 7, "nano": 4}
+CLIP_MODEL_NAMES = ("CLIP-B_32", "CLIP-B_16", "CLIP-L_14", "CLIP-mu_7", "CLIP-mu_16",
+                    "CLIP-mu_32", "CLIP-nano_4")
+
+
+def _parse_clip(name: str):
+  """'b32' | 'B/32' | 'ViT-B/32' | 'CLIP-B_32' | 'mu' | 'nano' -> ('B', 32)."""
+  s = name.strip()
+  for prefix in ("CLIP-", "clip-", "clip_", "CLIP_", "ViT-", "vit-", "vit_", "ViT_"):
+    if s.startswith(prefix):
+      s = s[len(prefix):]
+  s = s.replace("/", "_")
+  if "_" in s:
+    width, patch = s.split("_", 1)
+  else:
+    i = len(s.rstrip("0123456789"))
+    width, patch = s[:i], s[i:]
+  canon = {k.lower(): k for k in _CLIP}
+  width = canon.get(width.lower())
+  if width is not None and not patch and width in _CLIP_DEFAULT_PATCH:
+    patch = str(_CLIP_DEFAULT_PATCH[width])
+  if width is None or not patch.isdigit() or int(patch) not in _CLIP[width][0]:
+    raise ValueError(f"Unknown CLIP model {name!r}: expected one of {', '.join(CLIP_MODEL_NAMES)} "
+                     "(or short forms b32, b16, l14, mu, mu16, mu32, nano).")
+  return width, int(patch)
+
+
+def clip_model_config(*, name: str, embed_dim: int, image_size: int, patch: int,
+                      vision: tuple, text: tuple, vocab_size: int = 49408,
+                      context_length: int = 77) -> ml_collections.ConfigDict:
+  """A CLIP model config: vision/text = (width, layers, heads), MLPs 4x wide, OpenAI's choices.
+
+  Layout: `name`, `embed_dim`, `image_size` (what the position embeddings are made for; not a
+  module argument), `logit_scale_init`, `logit_bias_init` (None: no bias, SigLIP: -10), `image`
+  (VisionTransformer arguments) and `text` (TextTransformer arguments).
+  """
+  (vw, vl, vh), (tw, tl, th) = vision, text
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.embed_dim = embed_dim
+  c.image_size = image_size
+  c.logit_scale_init = math.log(1 / 0.07)  # CLIP's temperature 0.07 (SigLIP: log(10))
+  c.logit_bias_init = None
+  c.image = ml_collections.ConfigDict(dict(
+      patches=ml_collections.ConfigDict({"size": (patch, patch)}),
+      hidden_size=vw,
+      transformer=ml_collections.ConfigDict(dict(
+          mlp_dim=4 * vw, num_heads=vh, num_layers=vl, attention_dropout_rate=0.0,
+          dropout_rate=0.0, stochastic_depth=0.0)),
+      classifier="token",
+      representation_size=None,
+      pre_norm=True,
+      patch_embedding_bias=False,
+      head_bias=False,
+      head_kernel_init="normal",
+      mlp_activation="quick_gelu",
+      approximate_gelu=False,
+      layernorm_epsilon=1e-5,
+  ))
+  c.text = ml_collections.ConfigDict(dict(
+      width=tw, num_layers=tl, num_heads=th, mlp_dim=4 * tw, vocab_size=vocab_size,
+      context_length=context_length, mlp_activation="quick_gelu", approximate_gelu=False,
+      layernorm_epsilon=1e-5, dropout_rate=0.0, attention_dropout_rate=0.0,
+      stochastic_depth=0.0))
+  return c
+
+
+def get_clip_config(name: str) -> ml_collections.ConfigDict:
+  """CLIP model config for `name`: b32, b16, l14 (OpenAI), mu / mu16 / mu32 (CPU demo), nano."""
+  width_name, patch = _parse_clip(name)
+  _, image_size, vision, text, embed_dim = _CLIP[width_name]
+  if image_size is None:  # mu: a 4x4 patch grid
+    image_size = 4 * patch
+  return clip_model_config(name=f"CLIP-{width_name}_{patch}", embed_dim=embed_dim,
+                           image_size=image_size, patch=patch, vision=vision, text=text)
+
+
+def clip_kwargs(model_config) -> dict:
+  """Keyword arguments for `models.clip.CLIP` from a CLIP model config (`name` -> `model_name`;
+  `image_size` is the data's business, not the module's)."""
+  kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  kwargs["model_name"] = kwargs.pop("name", None)
+  kwargs.pop("image_size", None)
   return kwargs
