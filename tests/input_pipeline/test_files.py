@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.input_pipeline import util
 from vit_jax import input_pipeline
@@ -14,11 +13,7 @@ from vit_jax.input_pipeline import sources
 PP = "decode|onehot(10)"
 
 
-def write_png(path, index):
-  """8x8 RGB PNG whose pixels encode `index` (PNG is lossless)."""
-  image = np.repeat(util.tagged_images(index + 1)[index][..., None], 3, -1)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image).save(path)
+write_png = util.write_png
 
 
 def make_folder(root, classes=("cat", "dog", "emu"), per_class=5, sub=""):

@@ -75,6 +75,73 @@ def test_decode_matches_pil_and_gray_to_rgb(fmt, channels):
   np.testing.assert_array_equal(run("decode", image)["image"], image)  # uint8: no-op
 
 
+def composite(rgba, background):
+  """Closed form: colour * alpha + background * (1 - alpha), rounded; rgba uint8 [h, w, 4]."""
+  a = rgba[..., 3:].astype(np.float64) / 255
+  return np.round(rgba[..., :3] * a + np.array(background, np.float64) * (1 - a)).astype(np.uint8)
+
+
+def png(image: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, "PNG")
+  return buf.getvalue()
+
+
+def alpha_images():
+  """PIL images of every PNG kind with transparency: RGBA, gray + alpha, palette and RGB with a
+  tRNS chunk; alpha includes 0 and 255."""
+  rng = np.random.default_rng(0)
+  rgba = rand_image(c=4)
+  rgba[0, :4, 3] = (0, 255, 1, 254)
+  la = Image.fromarray(rgba[..., 2:].copy(), "LA")  # gray = the blue channel
+  palette = Image.fromarray(rgba[..., :3]).quantize(16)
+  palette.info["transparency"] = 3  # palette index 3 is transparent
+  keyed = Image.fromarray(np.where(rng.random((20, 30, 1)) < 0.3, [7, 8, 9], rgba[..., :3])
+                          .astype(np.uint8))
+  keyed.info["transparency"] = (7, 8, 9)  # tRNS colour key
+  return {"RGBA": Image.fromarray(rgba, "RGBA"), "LA": la, "P+tRNS": palette, "RGB+tRNS": keyed}
+
+
+@pytest.mark.parametrize("kind", ["RGBA", "LA", "P+tRNS", "RGB+tRNS"])
+@pytest.mark.parametrize("background", [255, (0, 64, 200)])
+def test_decode_composites_transparent_png(kind, background):
+  image = alpha_images()[kind]
+  data = png(image)
+  rgba = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))  # PIL's reading of the alpha
+  assert (rgba[..., 3] < 255).any() and (rgba[..., 3] == 255).any()
+  arg = background if isinstance(background, int) else f"{background}"
+  out = run(f"decode(background={arg})", data)["image"]
+  np.testing.assert_array_equal(out, composite(rgba, background))
+  # PIL's own compositing (integer arithmetic) agrees within a level.
+  bg = Image.new("RGBA", image.size, (background,) * 3 + (255,) if isinstance(background, int)
+                 else tuple(background) + (255,))
+  pil = np.asarray(Image.alpha_composite(bg, image.convert("RGBA")).convert("RGB"))
+  assert np.abs(out.astype(int) - pil).max() <= 1
+  # The fused decode + crop path composites too (the full-image crop is the image).
+  square = png(image.crop((0, 0, 20, 20)))
+  fused = run(f"decode(background={arg})|inception_crop(area_min=100)", square)["image"]
+  np.testing.assert_array_equal(fused, run(f"decode(background={arg})", square)["image"])
+
+
+def test_decode_opaque_png_and_background_none_unchanged():
+  """Opaque PNGs (and alpha dropped with background=None) decode exactly as tf.io.decode_image."""
+  rgba = rand_image(c=4)
+  opaque = rgba.copy()
+  opaque[..., 3] = 255
+  cases = [png(Image.fromarray(rand_image(c=3))), png(Image.fromarray(rand_image(c=1)[..., 0])),
+           png(Image.fromarray(opaque, "RGBA"))]
+  for data in cases:
+    for channels in (1, 3):
+      expected = tf.io.decode_image(data, channels=channels, expand_animations=False).numpy()
+      np.testing.assert_array_equal(run(f"decode({channels})", data)["image"], expected)
+  data = png(Image.fromarray(rgba, "RGBA"))
+  np.testing.assert_array_equal(run("decode(background=None)", data)["image"], rgba[..., :3])
+  gray = run("decode(1)", data)["image"]  # composited, then to gray
+  assert gray.shape == (20, 30, 1)
+  with pytest.raises(ValueError, match=r"background must be None, a value in \[0, 255\]"):
+    ops.parse("decode(background=300)")
+
+
 def test_fused_decode_crop_equals_decode_then_crop():
   image = rand_image(64, 80)
   for fmt in ("JPEG", "PNG"):

@@ -3,6 +3,7 @@ import gzip
 import os
 
 import numpy as np
+from PIL import Image
 
 from vit_jax.configs import common
 
@@ -28,6 +29,13 @@ def tagged_images(n: int, size: int = 8) -> np.ndarray:
 def image_index(images: np.ndarray) -> np.ndarray:
   """Inverse of tagged_images for uint8 [b, h, w, c] batches."""
   return images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 1, 0].astype(np.int64)
+
+
+def write_png(path: str, index: int):
+  """8x8 RGB PNG whose pixels encode `index` (PNG is lossless; see image_index)."""
+  image = np.repeat(tagged_images(index + 1)[index][..., None], 3, -1)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(image).save(path)
 
 
 def make_idx_dir(root, n_train=40, n_test=23, size=8, num_classes=10):

@@ -8,14 +8,41 @@ use only stateless TF random functions on that seed, so an example's augmentatio
 
 Image dtypes: ops before `value_range`/`normalize` keep uint8 (resize rounds back to uint8), which is
 what `randaug` and `color_jitter` expect; `value_range`/`normalize` give float32.
+
+| op (main arguments)                      | does                                         | kind   |
+| ---------------------------------------- | -------------------------------------------- | ------ |
+| decode(channels=3, background=255)       | bytes -> uint8 [h, w, c]; PNG alpha on white | batch* |
+| resize(size), resize_small(smaller_size) | to (h, w), or smaller side (keeps aspect)    |        |
+| central_crop(size), random_crop(size)    | (h, w) window                                | random |
+| inception_crop(size, area_min, area_max) | random area/aspect crop (fused with decode)  | random |
+| flip_lr                                  | mirror with probability 1/2                  | random |
+| color_jitter(b, c, s, h), randaug(n, m)  | colour jitter, RandAugment (uint8)           | random |
+| value_range(vmin, vmax), normalize(mean) | uint8 -> float32                             | batch  |
+| onehot(depth, smoothing=0)               | label [] -> labels float32 [depth]           | batch  |
+| class_caption(classnames, templates)     | label [] -> texts string [T], T templates    |        |
+| tokenize(context_length, path=None)      | texts string [...] -> tokens int32 [..., L]  | batch  |
+| keep(*keys), drop(*keys)                 | select keys                                  | batch  |
+
+random: uses its seed; batch: runs on whole batches when it ends the pp string (*decode only on
+already decoded images). Inside the pipeline, `tokenize` takes context_length and path from
+config.context_length and config.tokenizer_path unless the pp string gives them (see `parse`'s
+`defaults`), so pp, model and zero-shot prompts share one tokenizer.
+
+Captions: an example's `texts` is string [k] (its k captions) until the pipeline turns it into one
+caption (training, chosen with the example's seed) or K padded ones with `texts_mask` (evaluation);
+see captions.py. That happens after the per-example ops and before the batched ones, so a
+`tokenize` at the end of the pp string encodes only the captions that are used.
 """
 import ast
 import dataclasses
+import functools
+import inspect
 from typing import Callable
 
 import tensorflow as tf
 
 from vit_jax.input_pipeline import randaug as randaug_lib
+from vit_jax.input_pipeline import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +88,12 @@ class Op:
       raise ValueError(f"{self.where}: {e}") from e
 
 
-def parse(pp: str) -> list[Op]:
+def parse(pp: str, defaults: dict[str, dict] | None = None) -> list[Op]:
   """Parses "name(args)|name|..." into ops; raises ValueError naming the bad op and its position.
 
   Arguments are Python literals (numbers, strings, tuples, None, True/False), positional or keyword.
+  `defaults` ({op name: {argument: value}}) replaces the factory's defaults for arguments the pp
+  string leaves out (the pipeline passes config.context_length / tokenizer_path for `tokenize`).
   `decode` directly followed by `inception_crop` is fused into one op that, for JPEG bytes, decodes
   only the crop window (same result, much less work).
   """
@@ -78,6 +107,11 @@ def parse(pp: str) -> list[Op]:
       raise ValueError(f"{where}: unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}.")
     info = REGISTRY[name]
     try:
+      if defaults and name in defaults:
+        bound = inspect.signature(info.factory).bind_partial(*args, **kwargs)
+        for k, v in defaults[name].items():
+          bound.arguments.setdefault(k, v)
+        args, kwargs = bound.args, bound.kwargs
       fn = info.factory(*args, **kwargs)
     except (TypeError, ValueError) as e:
       raise ValueError(f"{where}: bad arguments: {e}") from e
@@ -174,32 +208,83 @@ def _image_op(key):
 # Decoding and geometry.
 
 
-def _decode_image(encoded, channels, precise):
+def _decode_image(encoded, channels, precise, background=None):
+  """Encoded image -> uint8 [h, w, channels]; a PNG with transparency is composited on
+  `background` (None: its colour channels are kept and alpha dropped, as TF's decoders do)."""
   if not precise:
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    decode = lambda: tf.io.decode_image(encoded, channels=channels, expand_animations=False)
   else:  # libjpeg's accurate IDCT (as PIL), instead of TF's default fast one
-    image = tf.cond(
+    decode = lambda: tf.cond(
         tf.io.is_jpeg(encoded),
         lambda: tf.io.decode_jpeg(encoded, channels=channels, dct_method="INTEGER_ACCURATE"),
         lambda: tf.io.decode_image(encoded, channels=channels, expand_animations=False))
+  if background is None:
+    image = decode()
+  else:
+    # Only PNG carries alpha among the formats decoded here (GIF transparency is not decoded).
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
+    image = tf.cond(is_png, lambda: _decode_png_on(encoded, channels, background), decode)
   image.set_shape([None, None, channels])
   return image
 
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_png_on(encoded, channels, background):
+  """PNG -> uint8 [h, w, channels], composited on `background` (RGB, [3]) where it is transparent.
+
+  Decoding to RGBA gives every PNG kind (RGBA, gray+alpha, palette or RGB with a tRNS chunk) its
+  alpha, and the same colour values as `decode_image`, so an opaque PNG decodes exactly as before.
+  """
+  rgba = tf.io.decode_png(encoded, channels=4)
+
+  def composite():
+    rgb = tf.cast(rgba[..., :3], tf.float32)
+    alpha = tf.cast(rgba[..., 3:], tf.float32) / 255.0
+    out = rgb * alpha + tf.constant(background, tf.float32) * (1.0 - alpha)
+    out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+    return out if channels == 3 else _as_dtype(tf.image.rgb_to_grayscale(tf.cast(out, tf.float32)),
+                                              tf.uint8)
+
+  def opaque():  # TF's own gray conversion when channels=1, as decode_image would give
+    return rgba[..., :3] if channels == 3 else tf.io.decode_png(encoded, channels=1)
+  return tf.cond(tf.reduce_any(rgba[..., 3] < 255), composite, opaque)
+
+
+def _background(background):
+  """None, a gray level or an (r, g, b) triple in 0..255 -> None or a 3-tuple of floats."""
+  if background is None:
+    return None
+  if isinstance(background, (int, float)):
+    background = (background,) * 3
+  if (not isinstance(background, (tuple, list)) or len(background) != 3
+      or not all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in background)):
+    raise ValueError(f"background must be None, a value in [0, 255] or an (r, g, b) triple of "
+                     f"them, got {background!r}.")
+  return tuple(float(v) for v in background)
+
+
 @register("decode", batchable=True)
-def get_decode(channels=3, precise=False, key="image"):
+def get_decode(channels=3, precise=False, background=255, key="image"):
   """Encoded JPEG/PNG/GIF/BMP -> uint8 [h, w, channels] (gray -> RGB; precise: accurate JPEG IDCT);
-  no-op on already decoded uint8 images."""
+  no-op on already decoded uint8 images.
+
+  Transparent pixels of a PNG (RGBA, gray+alpha, or a tRNS chunk) are composited on `background`
+  (a gray level, or (r, g, b); default white); background=None drops alpha and keeps whatever colour
+  the transparent pixels store, as `tf.io.decode_image` does.
+  """
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels!r}.")
+  background = _background(background)
 
   @_image_op(key)
   def _decode(data, seed):
     del seed
     if data[key].dtype == tf.string:
-      data[key] = _decode_image(data[key], channels, precise)
+      data[key] = _decode_image(data[key], channels, precise, background)
     return data
-  _decode.channels, _decode.precise = channels, precise
+  _decode.channels, _decode.precise, _decode.background = channels, precise, background
   return _decode
 
 
@@ -305,7 +390,7 @@ def get_inception_crop(size=None, area_min=5, area_max=100, method="bilinear", a
             dct_method="INTEGER_ACCURATE" if decode.precise else "")
 
       def other():
-        decoded = _decode_image(image, channels, decode.precise)
+        decoded = _decode_image(image, channels, decode.precise, decode.background)
         begin, crop = _crop_window(tf.shape(decoded), seed, area_min, area_max)
         return tf.slice(decoded, begin, crop)
       crop = tf.cond(tf.io.is_jpeg(image), jpeg, other)
@@ -445,6 +530,96 @@ def get_onehot(depth, key="label", key_result="labels", on=1.0, off=0.0, smoothi
                                 summarize=8)
     with tf.control_dependencies([check]):
       data[key_result] = tf.one_hot(label, depth, on_value=on, off_value=off, dtype=tf.float32)
+    return data
+  return _op
+
+
+# ------------------------------------------------------------------------------------------------
+# Text: captions from class names, and CLIP tokens.
+
+# Class names by dataset, in label order, for `class_caption` (Fashion-MNIST: its README's names).
+CLASSNAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
+
+
+def _strings(value, what, preset=None) -> tuple[str, ...]:
+  """A tuple of non-empty strings; a single string is a preset's name if `preset` is given (a
+  one-class list is more likely a misspelt preset), else a 1-tuple."""
+  if isinstance(value, str):
+    if preset is not None:
+      if value not in preset:
+        raise ValueError(f"{what} {value!r}: expected a preset name, one of {sorted(preset)}, or "
+                         "a tuple of strings.")
+      return preset[value]
+    value = (value,)
+  if (not isinstance(value, (tuple, list)) or not value
+      or not all(isinstance(v, str) and v for v in value)):
+    known = f" or one of {sorted(preset)}" if preset else ""
+    raise ValueError(f"{what} must be a non-empty tuple of non-empty strings{known}, "
+                     f"got {value!r}.")
+  return tuple(value)
+
+
+@register("class_caption")
+def get_class_caption(classnames, templates=("a photo of a {}.",), key="label",
+                      key_result="texts"):
+  """Integer label [] -> string [T]: every template filled with the label's class name.
+
+  `classnames`: names in label order, or a preset ('fashion_mnist'). `templates`: strings with one
+  '{}' each. The pipeline then picks one of the T captions per example with its seed (training) or
+  keeps all of them, padded and masked (evaluation), as for a dataset with T captions per image.
+  Not batchable: that choice is made per example, before batching.
+  """
+  classnames = _strings(classnames, "classnames", CLASSNAMES)
+  templates = _strings(templates, "templates")
+  for t in templates:
+    if t.count("{}") != 1:
+      raise ValueError(f"template {t!r} must contain exactly one '{{}}' (the class name).")
+  # [classes, T], so that one gather gives a label's T captions.
+  table = tf.constant([[t.format(c) for t in templates] for c in classnames])
+  depth = len(classnames)
+
+  def _op(data, seed):
+    del seed
+    label = tf.cast(data[key], tf.int64)
+    ok = tf.reduce_all((label >= 0) & (label < depth))
+    check = tf.debugging.Assert(ok, [f"class_caption: label outside [0, {depth}) (the number of "
+                                     "classnames):", label], summarize=8)
+    with tf.control_dependencies([check]):
+      data[key_result] = tf.gather(table, label)
+    return data
+  return _op
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(path, context_length):
+  """One tokenizer per (path, context_length) and process: building it reads ~1.4 MB of merges."""
+  return tokenizer_lib.get_tokenizer(path, context_length)
+
+
+@register("tokenize", batchable=True)
+def get_tokenize(context_length=77, key="texts", key_result="tokens", path=None):
+  """Strings of any shape [...] -> int32 [..., context_length] CLIP BPE ids (SOT, tokens, EOT, 0
+  padding; longer texts are cut to keep their EOT), with `tokenizer.get_tokenizer(path)`; path None:
+  OpenAI's BPE file from the open_clip wheel. In the pipeline, context_length and path default to
+  config.context_length and config.tokenizer_path."""
+  if not (isinstance(context_length, int) and context_length >= 2):
+    raise ValueError(f"context_length must be an int >= 2 (SOT and EOT), got {context_length!r}.")
+  if isinstance(path, list):  # a (vocab.json, merges.txt) pair; lists are not hashable
+    path = tuple(path)
+  tok = _cached_tokenizer(path, context_length)
+
+  def _op(data, seed):
+    del seed
+    texts = data[key]
+    if texts.dtype != tf.string:
+      raise ValueError(f"tokenize: {key!r} must be strings, got {texts.dtype.name}.")
+    ids = tok.tf_encode(tf.reshape(texts, [-1]))
+    ids = tf.reshape(ids, tf.concat([tf.shape(texts), [context_length]], 0))
+    ids.set_shape(texts.shape.concatenate([context_length]))
+    data[key_result] = ids
     return data
   return _op
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from vit_jax.input_pipeline import augreg
 from vit_jax.input_pipeline import batch_ops
+from vit_jax.input_pipeline import captions as captions_lib
 from vit_jax.input_pipeline import ops as ops_lib
 from vit_jax.input_pipeline import sources
 
@@ -53,41 +54,60 @@ def _get_source(config, split: str) -> sources.Source:
   return source
 
 
+def _op_defaults(config) -> dict:
+  """Op arguments that come from the config unless the pp string gives them: the text tokenizer
+  is the one the model and the zero-shot prompts use."""
+  return {"tokenize": {"context_length": config.context_length, "path": config.tokenizer_path}}
+
+
 def _check_output(ds: tf.data.Dataset, config, pp: str, which: str):
   spec = ds.element_spec
   if "labels" in spec and spec["labels"].shape[-1] != config.num_classes:
     raise ValueError(f"pp.{which} {pp!r} gives labels of size {spec['labels'].shape[-1]}, "
                      f"config.num_classes={config.num_classes}.")
-  if "labels" not in spec and "label" in spec:
+  if "texts" in spec and "tokens" not in spec:
+    raise ValueError(f"pp.{which} {pp!r} gives captions ('texts') but no 'tokens': end it with "
+                     "tokenize.")
+  if "labels" not in spec and "label" in spec and "tokens" not in spec:
     raise ValueError(f"pp.{which} {pp!r} gives no 'labels': end it with "
                      f"onehot({config.num_classes}).")
 
 
 def _finalize(data: dict, with_ids: bool) -> dict:
   """Drops the pipeline's internal keys (file paths are strings, which jax cannot take), and the
-  integer 'label' once onehot made 'labels' of it (int64, which jax would truncate with a warning)."""
-  return {k: v for k, v in data.items()
-          if (not k.startswith("_") or (with_ids and k == "_id"))
-          and not (k == "label" and "labels" in data)}
+  integer 'label' once onehot made 'labels' of it (int64, which jax would truncate with a warning);
+  a 'label' kept beside captions (for zero-shot metrics) becomes int32."""
+  out = {k: v for k, v in data.items()
+         if (not k.startswith("_") or (with_ids and k == "_id"))
+         and not (k == "label" and "labels" in data)}
+  if "label" in out:
+    out["label"] = tf.cast(out["label"], tf.int32)
+  return out
 
 
-def _preprocess(ds, source, ops, seed_base, batch_size, *, loaded, drop_remainder, with_ids):
-  """(position, record) pairs -> batches: load, per-example ops, batch, batched ops.
+def _preprocess(ds, source, ops, seed_base, batch_size, *, loaded, drop_remainder, with_ids,
+                captions_fn):
+  """(position, record) pairs -> batches: load, per-example ops, captions, batch, batched ops.
 
   Ops at the end of the pp string that are elementwise run once per batch (vectorised); if every op
   is such and the source can load a batch at once (in-memory arrays), loading happens after
   batching too, so an epoch of Fashion-MNIST costs a few hundred tf.data steps, not 60k.
+  An example's captions ('texts' [k], from the source or a per-example op) become what the batch
+  holds by `captions_fn(data, seed)` after the per-example ops: one caption (training) or all of
+  them padded (evaluation); a `tokenize` among the batched ops then encodes only those.
   """
   per_example, batched = ops_lib.split_batchable(ops, source.image_encoded)
-  vectorised = not loaded and source.load_batchable and not per_example
+  # Captions differ in number per image: they are chosen per example, before batching.
+  vectorised = not loaded and source.load_batchable and not per_example and not source.captions
 
   if vectorised:
     ds = ds.map(lambda pos, record: record)
   else:
     def example_fn(pos, record):
       data = record if loaded else source.load(record)
-      return ops_lib.apply(per_example, data,
-                           tf.random.experimental.stateless_fold_in(seed_base, pos))
+      seed = tf.random.experimental.stateless_fold_in(seed_base, pos)
+      data = ops_lib.apply(per_example, data, seed)
+      return captions_fn(data, seed) if "texts" in data else data
     ds = ds.map(example_fn, num_parallel_calls=AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
@@ -120,7 +140,7 @@ def _train_dataset(config, process_index, process_count, start_step, with_ids):
     raise ValueError(f"{source.description}: {source.num_examples} examples cannot be shared by "
                      f"{process_count} processes (process {process_index} gets none).")
   pp, mixup_alpha = augreg.resolve(config)
-  ops = ops_lib.parse(pp)
+  ops = ops_lib.parse(pp, _op_defaults(config))
   ds = source.records(start, stop)
   loaded = bool(config.cache_train)
   if loaded:
@@ -142,10 +162,15 @@ def _train_dataset(config, process_index, process_count, start_step, with_ids):
                                     reshuffle_each_iteration=False))
   ds = ds.skip(first % size).enumerate(first)
   ds = _preprocess(ds, source, ops, _seed_base(config.seed, 2 * process_index), batch,
-                   loaded=loaded, drop_remainder=True, with_ids=with_ids)
+                   loaded=loaded, drop_remainder=True, with_ids=with_ids,
+                   captions_fn=captions_lib.sample_caption)
   mix = batch_ops.get_batch_op(mixup_alpha, config.cutmix_alpha,
                                config.mix_switch_prob)
   if mix is not None:
+    if "labels" not in ds.element_spec and "tokens" in ds.element_spec:
+      raise ValueError(f"mixup/cutmix (config.mixup_alpha={mixup_alpha}, cutmix_alpha="
+                       f"{config.cutmix_alpha}, aug_level={config.aug_level}) mix 'labels'; "
+                       f"image-caption data (pp.train {pp!r}) has none: turn them off.")
     batch_seed = _seed_base(config.seed, 2 * process_index + 1)
     ds = ds.enumerate(start_step).map(
         lambda step, b: mix(b, tf.random.experimental.stateless_fold_in(batch_seed, step)),
@@ -168,6 +193,9 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
     {'image': [b, h, w, c] (float32 after value_range/normalize), 'labels': float32
     [b, num_classes]} with b = config.batch // process_count; '_id' int64 [b] (positions in the
     split) too if with_ids. A data error (corrupt file, bad label) raises ValueError naming it.
+    Image-caption data gives {'image', 'texts': bytes (object) [b], one caption per image (chosen
+    with the example's seed among its captions), 'tokens': int32 [b, context_length]} instead of
+    'labels' ('texts' are strings: drop them before putting a batch on devices).
   """
   ds, source, start, stop = _train_dataset(config, process_index, process_count, start_step,
                                            with_ids)
@@ -211,8 +239,10 @@ class EvalData:
     num_examples: examples in the whole split (over all processes).
     num_batches: batches per pass, the same on every process.
     batch_size: per-process batch, config.batch_eval // process_count.
-  Every batch is full: missing rows are zeros with '_mask' False, so over all processes each
-  example of the split is seen exactly once.
+  Every batch is full: missing rows are zeros (b'' for strings) with '_mask' False, so over all
+  processes each example of the split is seen exactly once. Image-caption data has all captions of
+  an image: 'texts' bytes [b, K], 'texts_mask' bool [b, K], 'tokens' int32 [b, K, context_length]
+  with K = config.max_captions_eval.
   """
 
   def __init__(self, ds, source, num_examples, num_batches, batch_size, start, stop):
@@ -244,11 +274,16 @@ class EvalData:
                            f"shape of {k!r} {spec.shape} is not fixed by pp.test: cannot pad.")
         template[k] = (tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
       template["_mask"] = ((), np.bool_)
-    return {k: np.zeros((self.batch_size, *shape), dtype) for k, (shape, dtype) in template.items()}
+    return {k: _blank((self.batch_size, *shape), dtype) for k, (shape, dtype) in template.items()}
+
+
+def _blank(shape, dtype) -> np.ndarray:
+  """Padding: zeros, or b'' for strings (object arrays, which zeros would fill with int 0)."""
+  return np.full(shape, b"", object) if dtype == object else np.zeros(shape, dtype)
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+  return np.concatenate([x, _blank((size - len(x), *x.shape[1:]), x.dtype)])
 
 
 def make_eval_data(config, split: str | None = None, process_index: int = 0,
@@ -261,14 +296,21 @@ def make_eval_data(config, split: str | None = None, process_index: int = 0,
   split = config.eval_split if split is None else split
   batch = per_process_batch(config.batch_eval, process_count, "batch_eval")
   source = _get_source(config, split)
+  max_captions = config.max_captions_eval
+  if source.num_captions is not None and source.num_captions.max() > max_captions:
+    i = int(source.num_captions.argmax())
+    raise ValueError(f"{source.description}: {source.paths[i]} has {source.num_captions[i]} "
+                     f"captions, config.max_captions_eval={max_captions}: raise it to "
+                     f"{source.num_captions.max()} (every caption of an eval image is used).")
   start, stop = sources.process_range(source.num_examples, process_index, process_count)
   num_batches = math.ceil(math.ceil(source.num_examples / process_count) / batch)
-  ops = ops_lib.parse(config.pp.test)
+  ops = ops_lib.parse(config.pp.test, _op_defaults(config))
   # Eval has no shuffle; random ops (unusual in pp.test) are seeded by the split position, so the
   # result does not depend on the number of processes.
   ds = source.records(start, stop).enumerate(start)
   ds = _preprocess(ds, source, ops, _seed_base(config.seed, -1), batch, loaded=False,
-                   drop_remainder=False, with_ids=with_ids)
+                   drop_remainder=False, with_ids=with_ids,
+                   captions_fn=lambda data, seed: captions_lib.pad_captions(data, max_captions))
   _check_output(ds, config, config.pp.test, "test")
   ds = ds.prefetch(config.prefetch).with_options(_options(config))
   logging.info("eval %s: %d examples, %d batches of %d per process", source.description,

@@ -3,7 +3,9 @@
 Every source resolves a tfds-style split string ('train', 'train[:98%]', 'train[10:20]+test') to a
 fixed order of `num_examples` positions. `records(start, stop)` gives positions [start, stop) in that
 order as cheap records (an index, a path, a raw tfds example), so that shuffling and resume-skipping
-touch no pixels; `load(record)` then gives {'image': uint8 [h, w, c] or encoded bytes, 'label': int64}.
+touch no pixels; `load(record)` then gives {'image': uint8 [h, w, c] or encoded bytes, 'label': int64}
+or, for caption sources, {'image', 'texts': string [k]} (an image's k >= 1 captions; see captions.py
+for the caption files and folders, and for how the pipeline picks or pads them).
 """
 import csv
 import dataclasses
@@ -42,6 +44,11 @@ class Source:
     load_batchable: see `load`.
     image_encoded: whether 'image' is encoded bytes (a `decode` op is then needed).
     paths: the split's files in order (file sources only), for finding corrupt files.
+    num_skipped: examples left out (corrupt files, or missing captions, with config.skip_corrupt).
+    captions: examples have 'texts' string [k] instead of 'label'.
+    num_captions: int [num_examples], captions per example, where known before reading (files).
+    left_out: {why: how many} of what the source did not make examples of (skipped images and
+      captions, caption files without an image), as logged.
   """
   description: str
   num_examples: int
@@ -50,7 +57,10 @@ class Source:
   load_batchable: bool
   image_encoded: bool
   paths: list | None = None
-  num_skipped: int = 0  # corrupt files left out (config.skip_corrupt)
+  num_skipped: int = 0
+  captions: bool = False
+  num_captions: np.ndarray | None = None
+  left_out: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def resolve_split(split: str, sizes: dict[str, int], where: str) -> list[tuple[str, int, int]]:
@@ -77,6 +87,10 @@ def process_range(num_examples: int, process_index: int, process_count: int) -> 
           num_examples * (process_index + 1) // process_count)
 
 
+SOURCE_KINDS = ("tfds", "idx", "folder", "csv", "jsonl", "caption_folder", "caption_csv",
+                "caption_jsonl")
+
+
 def get_source(config, split: str) -> Source:
   """The source named by `config.data_source` for `split`."""
   kind = config.data_source
@@ -88,7 +102,13 @@ def get_source(config, split: str) -> Source:
     return folder_source(config, split)
   if kind in ("csv", "jsonl"):
     return listing_source(config, split)
-  raise ValueError(f"config.data_source={kind!r}: expected one of tfds, idx, folder, csv, jsonl.")
+  if kind.startswith("caption_") and kind in SOURCE_KINDS:
+    # Imported here: captions builds on this module's helpers.
+    from vit_jax.input_pipeline import captions  # pylint: disable=g-import-not-at-top
+    if kind == "caption_folder":
+      return captions.caption_folder_source(config, split)
+    return captions.caption_listing_source(config, split)
+  raise ValueError(f"config.data_source={kind!r}: expected one of {', '.join(SOURCE_KINDS)}.")
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str, names=None):
@@ -106,7 +126,11 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str, names=None):
 
 def tfds_source(config, split: str) -> Source:
   """Any tfds image-classification dataset with features 'image' and 'label', read from
-  `config.tfds_data_dir`. Downloads only when `config.tfds_download` is set."""
+  `config.tfds_data_dir`. Downloads only when `config.tfds_download` is set.
+
+  With `config.caption_key` set (e.g. 'captions/text' for coco_captions; '/' walks nested features
+  and sequences), an image-caption dataset instead: 'image' and 'texts' string [k], no 'label'.
+  """
   name = config.dataset
   builder = tfds.builder(name, data_dir=config.tfds_data_dir)
   where = f"tfds dataset {name!r} in {builder.data_dir!r}"
@@ -118,10 +142,13 @@ def tfds_source(config, split: str) -> Source:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=config.tfds_manual_dir))
   features = builder.info.features
-  for key in ("image", "label"):
+  caption_key = config.caption_key
+  for key in ("image",) + (() if caption_key else ("label",)):
     if key not in features:
       raise ValueError(f"{where}: expected features 'image' and 'label', found {list(features)}.")
-  data_classes = getattr(features["label"], "num_classes", None)
+  if caption_key:
+    _check_text_feature(features, caption_key, where)
+  data_classes = None if caption_key else getattr(features["label"], "num_classes", None)
   if data_classes is not None and data_classes > config.num_classes:
     raise ValueError(f"{where}: the dataset has {data_classes} classes but "
                      f"config.num_classes={config.num_classes}.")
@@ -143,12 +170,42 @@ def tfds_source(config, split: str) -> Source:
         split=functools.reduce(lambda x, y: x + y, parts), shuffle_files=False,
         decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
         read_config=tfds.ReadConfig(try_autocache=False))
-    ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int64)})
+    if caption_key:
+      ds = ds.map(lambda ex: {"image": ex["image"],
+                              "texts": tf.reshape(_nested(ex, caption_key), [-1])})
+    else:
+      ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int64)})
     return tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), ds).map(
         lambda i, ex: {**ex, "_id": i})
 
   return Source(f"{where}, split {split!r}", total, records, lambda r: r,
-                load_batchable=True, image_encoded=encoded)
+                load_batchable=True, image_encoded=encoded, captions=bool(caption_key))
+
+
+def _check_text_feature(features, key: str, where: str):
+  """Raises unless `key` ('a/b': nested) names a text feature, of one or a sequence of strings."""
+  feature, path = features, []
+  for part in key.split("/"):
+    while isinstance(feature, tfds.features.Sequence):
+      feature = feature.feature
+    names = list(feature.keys()) if isinstance(feature, tfds.features.FeaturesDict) else []
+    if part not in names:
+      at = "/".join(path) or "the top level"
+      raise ValueError(f"{where}: config.caption_key={key!r}: no feature {part!r} at {at}; "
+                       f"found {names}.")
+    feature, path = feature[part], path + [part]
+  while isinstance(feature, tfds.features.Sequence):
+    feature = feature.feature
+  dtype = getattr(feature, "tf_dtype", None)
+  if dtype != tf.string:
+    raise ValueError(f"{where}: config.caption_key={key!r} is a {type(feature).__name__} of "
+                     f"{getattr(dtype, 'name', dtype)}, expected text (strings).")
+
+
+def _nested(example: dict, key: str):
+  for part in key.split("/"):
+    example = example[part]
+  return example
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,6 +306,39 @@ def idx_source(config, split: str) -> Source:
 # Image files: a folder per class, or a CSV / JSONL listing.
 
 
+def fixed_order(n: int) -> np.ndarray:
+  """The fixed pseudo-random permutation of n sorted files (seed FOLDER_ORDER_SEED, not
+  config.seed), so that a ratio split like 'train[:90%]' of a folder mixes its sub-folders and is
+  the same partition for every run and seed."""
+  return np.random.default_rng(FOLDER_ORDER_SEED).permutation(n)
+
+
+def split_roots(root: str) -> dict[str, str]:
+  """{split name: folder}: root's sub-folders train/, val/, validation/, test/, valid/ if it has
+  any, else {'train': root} (one split, to slice by ratio)."""
+  subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  split_names = [d for d in subdirs if d in ("train", "val", "validation", "test", "valid")]
+  if split_names:
+    return {d: os.path.join(root, d) for d in split_names}
+  return {"train": root}
+
+
+def skip_bad_images(config, paths: list[str], where: str, split: str) -> np.ndarray | None:
+  """With config.skip_corrupt: bool [len(paths)], False for files that cannot be read or decoded
+  (logged and counted); without it, None (a bad file then raises when read, naming it)."""
+  if not config.skip_corrupt:
+    return None
+  # Checked up front (one decode pass), so that the stream of good files, and with it the data
+  # order and resume, stays a pure function of the seed.
+  bad = find_bad_images(paths)
+  if bad:
+    logging.warning("%s, split %r: skipping %d of %d images that cannot be read or decoded "
+                    "(config.skip_corrupt=True): %s", where, split, len(bad), len(paths),
+                    "; ".join(f"{p}: {e}" for p, e in bad[:20]) + (" ..." if len(bad) > 20 else ""))
+  bad_paths = {p for p, _ in bad}
+  return np.array([p not in bad_paths for p in paths], bool)
+
+
 def _file_source(config, split: str, where: str, sizes: dict[str, int],
                  listing: Callable[[str], tuple[list[str], list[int]]]) -> Source:
   """Common part of the folder and listing sources: paths and labels -> records and load."""
@@ -260,19 +350,10 @@ def _file_source(config, split: str, where: str, sizes: dict[str, int],
     labels += l[a:b]
   labels = np.asarray(labels, np.int64)
   _check_labels(labels, config.num_classes, where, names=paths)
-  if config.skip_corrupt:
-    # Checked up front (one decode pass), so that the stream of good files, and with it the data
-    # order and resume, stays a pure function of the seed.
-    bad = find_bad_images(paths)
-    if bad:
-      logging.warning("%s, split %r: skipping %d of %d images that cannot be read or decoded "
-                      "(config.skip_corrupt=True): %s", where, split, len(bad), len(paths),
-                      "; ".join(f"{p}: {e}" for p, e in bad[:20]) + (" ..." if len(bad) > 20 else ""))
-      bad_paths = {p for p, _ in bad}
-      keep = np.array([p not in bad_paths for p in paths], bool)
-      paths, labels = [p for p, k in zip(paths, keep) if k], labels[keep]
-  else:
-    bad = []
+  keep = skip_bad_images(config, paths, where, split)
+  num_skipped = 0 if keep is None else int((~keep).sum())
+  if num_skipped:
+    paths, labels = [p for p, k in zip(paths, keep) if k], labels[keep]
   paths_t, labels_t = tf.constant(paths or [""], tf.string), tf.constant(labels.tolist() or [0],
                                                                          tf.int64)
 
@@ -285,7 +366,7 @@ def _file_source(config, split: str, where: str, sizes: dict[str, int],
             "_path": path}
 
   return Source(f"{where}, split {split!r}", len(paths), records, load, load_batchable=False,
-                image_encoded=True, paths=paths, num_skipped=len(bad))
+                image_encoded=True, paths=paths, num_skipped=num_skipped)
 
 
 def _list_images(directory: str) -> list[str]:
@@ -298,32 +379,27 @@ def folder_source(config, split: str) -> Source:
   'train[:90%]'), or in `config.data_dir/SPLIT/CLASS/*.jpg` (sub-folders train/, val/, ...).
 
   Class ids are the sorted class-folder names (over all split sub-folders). Files are put in a fixed
-  pseudo-random order (seed FOLDER_ORDER_SEED) so that a ratio split mixes classes.
+  pseudo-random order (`fixed_order`) so that a ratio split mixes classes.
   """
   root = config.data_dir
   where = f"image folder {root}"
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(f"{where}: directory does not exist (config.data_dir={root!r}).")
-  subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  split_names = [d for d in subdirs if d in ("train", "val", "validation", "test", "valid")]
-  if split_names:  # root/SPLIT/CLASS
-    split_roots = {d: os.path.join(root, d) for d in split_names}
-  else:  # root/CLASS: one split
-    split_roots = {"train": root}
-  classes = sorted({c for r in split_roots.values() for c in os.listdir(r)
+  roots = split_roots(root)
+  classes = sorted({c for r in roots.values() for c in os.listdir(r)
                     if os.path.isdir(os.path.join(r, c))})
   if not classes:
-    raise ValueError(f"{where}: no class sub-folders in {sorted(split_roots.values())}.")
+    raise ValueError(f"{where}: no class sub-folders in {sorted(roots.values())}.")
 
   @functools.lru_cache(None)
   def listing(name):
-    r = split_roots[name]
+    r = roots[name]
     items = [(p, k) for k, c in enumerate(classes) if os.path.isdir(os.path.join(r, c))
              for p in _list_images(os.path.join(r, c))]
-    order = np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(items))
+    order = fixed_order(len(items))
     return [items[i][0] for i in order], [items[i][1] for i in order]
 
-  sizes = {name: len(listing(name)[0]) for name in split_roots}
+  sizes = {name: len(listing(name)[0]) for name in roots}
   logging.info("%s: %d classes, split sizes %s", where, len(classes), sizes)
   return _file_source(config, split, where, sizes, listing)
 
