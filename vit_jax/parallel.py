@@ -68,8 +68,15 @@ class Backend:
     """`step_fn(state, batch, rng) -> (state, metrics)`; state is donated."""
     raise NotImplementedError
 
-  def compile_eval_step(self, eval_fn: Callable) -> Callable:
-    """`eval_fn(params, batch) -> dict of per-device sums`; returns global sums (replicated)."""
+  def compile_eval_step(self, eval_fn: Callable, reduce: str = "sum") -> Callable:
+    """`eval_fn(params, batch)`. reduce="sum": it returns per-device sums and the compiled step
+    their global sums (replicated); "gather": it returns per-example arrays [batch, ...] and the
+    compiled step keeps them where they are (read them with `fetch_examples`)."""
+    raise NotImplementedError
+
+  def fetch_examples(self, tree: PyTree) -> PyTree:
+    """Per-example outputs of a "gather" eval step -> host numpy [global batch, ...], in the
+    order of the global batch (every process gets all rows)."""
     raise NotImplementedError
 
   def fetch(self, tree: PyTree) -> PyTree:
@@ -123,8 +130,16 @@ class PmapBackend(Backend):
       return step_fn(state, batch, rng)
     return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
 
-  def compile_eval_step(self, eval_fn):
+  def compile_eval_step(self, eval_fn, reduce="sum"):
+    _check_reduce(reduce)
+    if reduce == "gather":
+      return jax.pmap(eval_fn, axis_name=AXIS)
     return jax.pmap(lambda p, b: lax.psum(eval_fn(p, b), AXIS), axis_name=AXIS)
+
+  def fetch_examples(self, tree):
+    # [local devices, per device, ...] -> this process's rows, then every process's, in order.
+    local = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), tree)
+    return _allgather_processes(local)
 
   def fetch(self, tree):
     return jax.device_get(jax.tree.map(lambda x: x[0], tree))
@@ -168,12 +183,33 @@ class PjitBackend(Backend):
     return jax.jit(step_fn, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                    out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
 
-  def compile_eval_step(self, eval_fn):
+  def compile_eval_step(self, eval_fn, reduce="sum"):
+    _check_reduce(reduce)
+    out = self.replicated if reduce == "sum" else self.batch_sharding
     return jax.jit(eval_fn, in_shardings=(self.replicated, self.batch_sharding),
-                   out_shardings=self.replicated)
+                   out_shardings=out)
+
+  def fetch_examples(self, tree):
+    if jax.process_count() == 1:
+      return jax.device_get(tree)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)
 
   def fetch(self, tree):
     return jax.device_get(tree)
+
+
+def _check_reduce(reduce: str) -> None:
+  if reduce not in ("sum", "gather"):
+    raise ValueError(f"Eval step reduce={reduce!r}: expected 'sum' or 'gather'.")
+
+
+def _allgather_processes(local: PyTree) -> PyTree:
+  """Host numpy rows of this process -> every process's rows, concatenated by process index."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(local, tiled=True)
 
 
 def get_backend(config) -> Backend:

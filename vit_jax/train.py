@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
+from vit_jax import evaluation
 from vit_jax import optim
 from vit_jax import parallel
 
@@ -40,7 +41,11 @@ def get_task(config):
   if config.task == "classification":
     from vit_jax.tasks import classification
     return classification.ClassificationTask(config)
-  raise ValueError(f"config.task={config.task!r}: expected one of ['classification'].")
+  if config.task == "contrastive":
+    from vit_jax.tasks import contrastive
+    return contrastive.ContrastiveTask(config)
+  raise ValueError(f"config.task={config.task!r}: expected one of ['classification', "
+                   "'contrastive'].")
 
 
 def _split_microbatches(batch: PyTree, accum_steps: int) -> PyTree:
@@ -97,6 +102,31 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
+
+
+def memory_analysis(compiled) -> Dict[str, int]:
+  """Per-device bytes of a compiled step: arguments, outputs, temporaries, and the peak estimate
+  (arguments + outputs + temporaries - donated-and-reused); {} where the back-end gives none."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, AttributeError, RuntimeError):
+    return {}
+  m = m[0] if isinstance(m, (list, tuple)) else m
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+         ("argument", "output", "temp", "alias", "generated_code")}
+  out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def format_memory(mem: Dict[str, int]) -> str:
+  if not mem:
+    return "memory analysis unavailable on this back-end"
+  mib = lambda k: f"{mem[k] / 2**20:,.1f} MiB"
+  return (f"per-device memory: arguments {mib('argument')}, outputs {mib('output')} "
+          f"({mib('alias')} reuse donated inputs), temporaries {mib('temp')}, "
+          f"peak ~{mib('peak')}")
 
 
 def create_train_state(config, task, rng: jax.Array, batch) -> Tuple[TrainState, Any, Dict]:
@@ -188,17 +218,52 @@ def _format_eval(metrics: Dict[str, float]) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
+def as_evaluator(spec) -> evaluation.Evaluator:
+  """A task's evaluator: an `evaluation.Evaluator`, or a plain (eval_fn, finalize) pair."""
+  if isinstance(spec, evaluation.Evaluator):
+    return spec
+  eval_fn, finalize = spec
+  return evaluation.Evaluator(step=lambda params, aux, batch: eval_fn(params, batch),
+                              finalize=finalize)
+
+
+def device_batch(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """The arrays of a batch that go to the devices: strings (captions, file paths) stay on the
+  host, where jax could not take them."""
+  return {k: v for k, v in batch.items() if np.asarray(v).dtype != object}
+
+
+def compile_evaluators(task_evaluators, backend) -> Dict[str, Tuple[Any, Callable]]:
+  """{name: (evaluator, compiled step((params, aux), batch))}."""
+  out = {}
+  for name, spec in task_evaluators.items():
+    ev = as_evaluator(spec)
+    fn = lambda pa, batch, ev=ev: ev.step(pa[0], pa[1], batch)
+    out[name] = (ev, backend.compile_eval_step(fn, reduce=ev.reduce))
+  return out
+
+
 def evaluate(evaluators, params, eval_data, backend) -> Dict[str, float]:
   """Runs every evaluator over one full pass of `eval_data`; returns `{name/metric: value}`."""
   results = {}
-  for name, (step_fn, finalize) in evaluators.items():
-    sums = None
+  for name, (ev, step_fn) in evaluators.items():
+    aux = None
+    if ev.prepare is not None:
+      aux = backend.put_state(ev.prepare(backend.get_state(params)))
+    outputs = None
     for batch in eval_data:
-      s = step_fn(params, backend.put_batch(batch))
-      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)  # stays on device
-    if sums is None:
+      out = step_fn((params, aux), backend.put_batch(device_batch(batch)))
+      if ev.reduce == "sum":
+        outputs = out if outputs is None else jax.tree.map(jnp.add, outputs, out)  # on device
+      else:
+        outputs = (outputs or []) + [backend.fetch_examples(out)]
+    if outputs is None:
       raise ValueError(f"Evaluator {name!r}: the eval split gave no batches.")
-    metrics = finalize(backend.fetch(sums))
+    if ev.reduce == "sum":
+      outputs = backend.fetch(outputs)
+    else:
+      outputs = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+    metrics = ev.finalize(outputs)
     if "num_examples" in metrics and int(metrics["num_examples"]) != eval_data.num_examples:
       raise RuntimeError(f"Evaluator {name!r} counted {int(metrics['num_examples'])} examples; "
                          f"the split has {eval_data.num_examples}.")
@@ -239,8 +304,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
 
   train_step = backend.compile_train_step(
       make_train_step(task.loss_fn, tx, schedules, backend.mean, config.accum_steps))
-  evaluators = {name: (backend.compile_eval_step(fn), fin)
-                for name, (fn, fin) in task.evaluators().items()}
+  # Compiled ahead of the loop (the loop then calls the executable: no second compile), so its
+  # memory needs are known before the first step runs out of memory.
+  t_compile = time.perf_counter()
+  train_step = train_step.lower(state, backend.put_batch(device_batch(first_batch)),
+                                train_rng).compile()
+  logging.info("Train step compiled in %.1fs; %s", time.perf_counter() - t_compile,
+               format_memory(memory_analysis(train_step)))
+  evaluators = compile_evaluators(task.evaluators(), backend)
   stopper = EarlyStopping(config.early_stopping, workdir) if config.early_stopping.metric else None
   best_ckpt = checkpoint.Checkpointer(workdir, keep=1, name="best") if stopper else None
 
@@ -255,7 +326,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   step = start_step
   batch = first_batch
   while step < total:
-    state, metrics = train_step(state, backend.put_batch(batch), train_rng)
+    state, metrics = train_step(state, backend.put_batch(device_batch(batch)), train_rng)
     step += 1
     pending.append(metrics)  # device arrays: no host sync until log time
     if step < total:

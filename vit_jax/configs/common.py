@@ -7,6 +7,8 @@ Each section below belongs to the module that reads it; add a key in the section
 import ml_collections
 from ml_collections import config_dict
 
+from vit_jax.configs import param_groups
+
 
 def add_loop_keys(c: ml_collections.ConfigDict) -> None:
   """Read by train.py and parallel.py."""
@@ -20,7 +22,10 @@ def add_loop_keys(c: ml_collections.ConfigDict) -> None:
   c.accum_steps = 1  # micro-batches per step (same update, lower peak memory)
   c.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.param_dtype = "float32"
-  c.remat = False
+  c.remat = False  # recompute each block's activations in the backward pass
+  # With remat: which values to keep anyway, a jax.checkpoint_policies name, e.g.
+  # 'dots_with_no_batch_dims_saveable' (keep the GEMM outputs: less recompute, more memory).
+  c.remat_policy = config_dict.placeholder(str)
   c.parallelism = "pjit"  # pjit (jax.jit + Mesh/NamedSharding) | pmap
   c.mesh = [("data", -1)]  # axis name, size; -1 takes the remaining devices
   c.early_stopping = ml_collections.ConfigDict(dict(
@@ -52,13 +57,20 @@ def add_optim_keys(c: ml_collections.ConfigDict) -> None:
   c.wd_mask = "default"  # default: no decay on biases, LayerNorm scales, pos/cls embeddings | all
   c.param_groups = config_dict.placeholder(list)  # [(regex, dict)]; see optim.GROUP_KEYS
   c.layerwise_lr_decay = config_dict.placeholder(float)  # BEiT/MAE: factor**(depth+1-layer)
+  # LoRA adapters (models/lora.py), added by the task at init and merged before each apply;
+  # param_groups.lora() sets this and freezes the base params.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,  # 0: off
+      alpha=16.0,  # merged update scale is alpha / rank
+      targets=param_groups.LORA_TARGETS))  # regex fullmatched on '/'-joined kernel paths
 
 
 def add_input_keys(c: ml_collections.ConfigDict) -> None:
   """Read by input_pipeline/."""
   c.dataset = "fashion_mnist"
-  c.data_source = "tfds"  # tfds | idx | folder | csv | jsonl
-  c.data_dir = config_dict.placeholder(str)  # idx/folder/csv sources: where the files are
+  c.data_source = "tfds"  # tfds | idx | folder | csv | jsonl; image-caption data (see
+  # input_pipeline/captions.py): caption_folder | caption_csv | caption_jsonl, or tfds + caption_key
+  c.data_dir = config_dict.placeholder(str)  # idx/folder/csv/caption_* sources: where the files are
   c.tfds_data_dir = config_dict.placeholder(str)
   c.tfds_manual_dir = config_dict.placeholder(str)
   c.train_split = "train"
@@ -78,6 +90,15 @@ def add_input_keys(c: ml_collections.ConfigDict) -> None:
   c.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup on train batches; 0: off
   c.cutmix_alpha = 0.0  # Beta(alpha, alpha) cutmix on train batches; 0: off
   c.mix_switch_prob = 0.5  # with both alphas > 0: probability that a batch gets cutmix, else mixup
+  # Image-caption data. Training batches hold one caption per image ('texts' [b], drawn anew each
+  # epoch with the example's seed when it has several), eval batches all of them ('texts' [b, K]
+  # with 'texts_mask' [b, K], K = max_captions_eval); `tokenize` in pp gives 'tokens'.
+  c.caption_key = config_dict.placeholder(str)  # tfds source: the text feature, '/' for nested
+  # ones ("captions/text" for coco_captions); unset: a classification dataset (image, label)
+  c.max_captions_eval = 5  # captions per eval image (COCO, Flickr30k: 5); more is an error
+  c.tokenizer_path = config_dict.placeholder(str)  # CLIP BPE for `tokenize` (and the text model's
+  # prompts): OpenAI's .gz, a tokenizer.json, or a folder; unset: OpenAI's, from open_clip's wheel
+  c.context_length = 77  # tokens per text, SOT and EOT included (CLIP 77, OWL-ViT 16)
 
 
 def get_base_config() -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ class ClassificationTask:
   def __init__(self, config):
     self.config = config
     self.model = vit.VisionTransformer(
-        num_classes=config.num_classes, remat=config.remat,
+        num_classes=config.num_classes, remat=config.remat, remat_policy=config.remat_policy,
         dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
         **model_configs.model_kwargs(config.model))
     self.per_example_loss = losses.classification_loss(config.loss, config.label_smoothing)
