@@ -3,6 +3,8 @@
     python benchmarks/train_step.py --model ti16 --batch 32
     python benchmarks/train_step.py --model b16 --batch 8 --dtype bfloat16
     python benchmarks/train_step.py --model ti16 --batch 32 --upstream /path/to/vision_transformer
+    python benchmarks/train_step.py --model ti16 --batch 32 --peer timm --torch-python .venv-timm/bin/python
+    python benchmarks/train_step.py --model b16 --batch 32 --memory   # compile only: bytes per device
 
 Runs the real step from vit_jax.train (forward, backward, optimizer update, donated state) on a
 synthetic batch at --image-size, with the config's optimizer (default: upstream's fine-tuning
@@ -13,6 +15,16 @@ of --repeats windows of --steps steps is reported.
 `vit_jax/models_vit.py` VisionTransformer in the same run, with the same optimizer, loss, batch
 and jit/donation, as the baseline; it runs in a subprocess with DIR first on sys.path (upstream's
 package is also called `vit_jax`) and imports nothing of ours.
+
+--peer timm --torch-python PY times timm's model of the same size in that interpreter
+(benchmarks/peer_timm.py: same batch, image size, loss, clipping and SGD), eager and
+`torch.compile`, in the same run, and prints our speed as a ratio of each.
+
+Every run also prints the compiled step's memory analysis (per device: arguments, outputs,
+temporaries) and the model FLOP utilisation: XLA's FLOP count of the step over the device's peak
+(PEAK_TFLOPS below, matched on `device_kind`, or --peak-tflops). --memory compiles, without
+running or allocating anything, the step for fp32, bf16, remat, remat with a policy and
+accum_steps, and prints their per-device bytes.
 """
 import argparse
 import json
@@ -26,22 +38,50 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# Dense peak TFLOP/s per device by (device_kind substring, dtype), from the vendors' data sheets
+# (no sparsity). fp32 on NVIDIA is the non-tensor-core rate; TPUs are given for bf16 only.
+PEAK_TFLOPS = {
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+    ("V100", "bfloat16"): 125.0, ("V100", "float32"): 15.7,  # V100: fp16 tensor cores
+    ("TPU v3", "bfloat16"): 123.0, ("TPU v4", "bfloat16"): 275.0,
+    ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5e", "bfloat16"): 197.0,
+    ("TPU v5p", "bfloat16"): 459.0, ("TPU v5", "bfloat16"): 459.0,
+    ("TPU v6 lite", "bfloat16"): 918.0, ("TPU v6e", "bfloat16"): 918.0,
+}
+
+
+def peak_tflops(dtype: str, override=None):
+  """Peak TFLOP/s of device 0 for `dtype` (first matching PEAK_TFLOPS entry), or None."""
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  for (name, dt), peak in PEAK_TFLOPS.items():
+    if name in kind and dt == dtype:
+      return peak
+  return None
+
 
 def measure(step, state, batch, rng_key, steps: int, repeats: int):
-  """(best seconds per step, XLA's FLOPs per step) of `step(state, batch, rng) -> (state, out)`."""
-  cost = step.lower(state, batch, rng_key).compile().cost_analysis()
+  """(best seconds per step, XLA's FLOPs per step, memory analysis) of
+  `step(state, batch, rng) -> (state, out)`; compiles once and times the executable."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  compiled = step.lower(state, batch, rng_key).compile()
+  cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
-  state, out = step(state, batch, rng_key)  # compile + first step
+  memory = train.memory_analysis(compiled) if hasattr(compiled, "memory_analysis") else {}
+  state, out = compiled(state, batch, rng_key)  # first step
   jax.block_until_ready(out)
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, out = step(state, batch, rng_key)
+      state, out = compiled(state, batch, rng_key)
     jax.block_until_ready(out)
     best = min(best, (time.perf_counter() - t0) / steps)
-  return best, flops
+  return best, flops, memory
 
 
 def synthetic_batch(batch: int, image_size: int, num_classes: int):
@@ -50,18 +90,26 @@ def synthetic_batch(batch: int, image_size: int, num_classes: int):
           "labels": np.eye(num_classes, dtype=np.float32)[rng.randint(0, num_classes, batch)]}
 
 
-def report(name: str, n_params: int, args, seconds: float, flops: float) -> dict:
+def report(name: str, n_params: int, args, seconds: float, flops: float, memory=None) -> dict:
   row = dict(impl=name, params=n_params, images_per_s=args.batch / seconds,
              step_ms=seconds * 1e3, gflop_per_step=flops / 1e9, gflop_per_s=flops / seconds / 1e9)
   print(f"{name}: params={n_params:,} batch={args.batch} image={args.image_size} "
         f"dtype={args.dtype} optimizer={args.optimizer} devices={jax.device_count()} "
-        f"({jax.default_backend()})")
+        f"({jax.default_backend()}, {jax.devices()[0].device_kind})")
+  peak = peak_tflops(args.dtype, args.peak_tflops)
+  mfu = f"{100 * row['gflop_per_s'] / (peak * 1e3):.1f}% of {peak:g} TFLOP/s" if peak else (
+      "n/a (no peak for this device: pass --peak-tflops)")
   print(f"  step_time={row['step_ms']:.1f} ms  images/s={row['images_per_s']:.2f}  "
-        f"GFLOP/step={row['gflop_per_step']:.1f}  GFLOP/s={row['gflop_per_s']:.1f}", flush=True)
+        f"GFLOP/step={row['gflop_per_step']:.1f}  GFLOP/s={row['gflop_per_s']:.1f}  MFU={mfu}",
+        flush=True)
+  if memory:
+    from vit_jax import train  # pylint: disable=g-import-not-at-top
+    print(f"  {train.format_memory(memory)}", flush=True)
   return row
 
 
-def run_ours(args) -> dict:
+def _our_step(args, **overrides):
+  """(compiled-step factory inputs) for our model: (step, state, batch, n_params, name)."""
   from vit_jax import optim  # pylint: disable=g-import-not-at-top
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
@@ -72,19 +120,71 @@ def run_ours(args) -> dict:
   config.num_classes, config.batch, config.batch_eval = args.num_classes, args.batch, args.batch
   config.optimizer, config.dtype, config.mesh = args.optimizer, args.dtype, [("data", 1)]
   config.optim_dtype = "float32"  # plain SGD momentum, as the upstream baseline
+  config.update(overrides)
   backend = parallel.PjitBackend(config)
   task = train.get_task(config)
   batch = synthetic_batch(args.batch, args.image_size, args.num_classes)
-  params = jax.jit(task.init_params)(jax.random.PRNGKey(0), batch)
-  tx, schedules = optim.make_optimizer(config, params)
-  state = backend.put_state(train.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                                             opt_state=tx.init(params)))
+  abstract = args.memory
+  init = lambda rng: train.create_train_state(config, task, rng, batch)[0]
+  if abstract:  # shapes only: nothing is allocated
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  else:
+    state = backend.put_state(jax.jit(init)(jax.random.PRNGKey(0)))
+    batch = backend.put_batch(batch)
+  tx, schedules = optim.make_optimizer(config, state.params)
   step = backend.compile_train_step(
       train.make_train_step(task.loss_fn, tx, schedules, backend.mean, config.accum_steps))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  seconds, flops = measure(step, state, backend.put_batch(batch), jax.random.PRNGKey(1),
-                           args.steps, args.repeats)
-  return report(f"vit_jax {config.model.name}", n_params, args, seconds, flops)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  return step, state, batch, n_params, config.model.name
+
+
+def run_ours(args) -> dict:
+  step, state, batch, n_params, name = _our_step(args)
+  seconds, flops, memory = measure(step, state, batch, jax.random.PRNGKey(1), args.steps,
+                                   args.repeats)
+  return report(f"vit_jax {name}", n_params, args, seconds, flops, memory)
+
+
+MEMORY_SETTINGS = {
+    "fp32": {},
+    "bf16": {"dtype": "bfloat16"},
+    "remat": {"remat": True},
+    "remat+dots_saveable": {"remat": True, "remat_policy": "dots_with_no_batch_dims_saveable"},
+    "bf16+remat": {"dtype": "bfloat16", "remat": True},
+    "accum4": {"accum_steps": 4},
+}
+
+
+def run_memory(args) -> None:
+  """Per-device bytes of the compiled step for each MEMORY_SETTINGS entry (compile only)."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  print(f"{args.model} batch={args.batch} image={args.image_size} optimizer={args.optimizer} "
+        f"on {jax.devices()[0].device_kind} (MiB per device; peak = arguments + outputs + "
+        "temporaries - donated buffers reused)")
+  print(f"{'setting':<22}{'arguments':>12}{'outputs':>12}{'temporaries':>13}{'peak':>12}")
+  for name, overrides in MEMORY_SETTINGS.items():
+    step, state, batch, _, _ = _our_step(args, **overrides)
+    mem = train.memory_analysis(step.lower(state, batch, jax.random.PRNGKey(1)).compile())
+    mib = lambda k: f"{mem[k] / 2**20:,.0f}"
+    print(f"{name:<22}{mib('argument'):>12}{mib('output'):>12}{mib('temp'):>13}{mib('peak'):>12}",
+          flush=True)
+
+
+def run_peer(args) -> list:
+  """timm's step in `--torch-python` (benchmarks/peer_timm.py), eager and torch.compile."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"peer_{args.peer}.py")
+  cmd = [args.torch_python, script, "--model", args.model, "--batch", str(args.batch),
+         "--image-size", str(args.image_size), "--num-classes", str(args.num_classes),
+         "--steps", str(args.steps), "--repeats", str(args.repeats), "--modes", args.peer_modes]
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+  rows = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
+          if l.startswith("RESULT ")]
+  for r in rows:
+    print(f"{r['impl']}: params={r['params']:,} (torch {r['torch']}, timm {r['timm']}, "
+          f"{r['threads']} threads)\n  step_time={r['step_ms']:.1f} ms  "
+          f"images/s={r['images_per_s']:.2f}  (warm-up {r['warmup_s']:.1f} s)", flush=True)
+  return rows
 
 
 def run_upstream(args) -> dict:
@@ -134,7 +234,18 @@ def main():
   ap.add_argument("--upstream", metavar="DIR",
                   help="a google-research/vision_transformer checkout: time it too")
   ap.add_argument("--upstream-worker", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--peer", choices=["timm"], help="time this PyTorch peer too (--torch-python)")
+  ap.add_argument("--torch-python", default=sys.executable,
+                  help="the interpreter that has torch + timm (e.g. .venv-timm/bin/python)")
+  ap.add_argument("--peer-modes", default="eager,compile")
+  ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table)")
+  ap.add_argument("--memory", action="store_true",
+                  help="compile only and print per-device memory for each setting")
   args = ap.parse_args()
+
+  if args.memory:
+    run_memory(args)
+    return
 
   if args.upstream_worker:  # in the subprocess: upstream's vit_jax is first on sys.path
     print("RESULT " + json.dumps(run_upstream(args)))
@@ -154,9 +265,10 @@ def main():
         rows.append(json.loads(line[len("RESULT "):]))
       else:
         print(line)
-  rows.append(run_ours(args))
-  if len(rows) == 2:
-    print(f"speed-up over upstream: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x")
+  peers = run_peer(args) if args.peer else []
+  ours = run_ours(args)
+  for r in rows + peers:
+    print(f"vit_jax / {r['impl']}: {ours['images_per_s'] / r['images_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
