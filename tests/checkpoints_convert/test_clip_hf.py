@@ -237,7 +237,7 @@ def test_cli_hf_to_npz_to_hf(ref, tmp_path, capsys):
         keys=("text_features",), tol=1e-6)
 
 
-def test_refusals(ref, tmp_path):
+def test_refusals(ref, tmp_path, capsys):
   with pytest.raises(checkpoints_convert.CheckpointError, match="a CLIP checkpoint.*load_model"):
     checkpoints_convert.read(ref["dir"])
   c = clip_formats.read(ref["dir"]).model_config
@@ -253,6 +253,11 @@ def test_refusals(ref, tmp_path):
   model, params = checkpoints_convert.load_model(tmp_path / "vit", image_size=24)
   assert type(model).__name__ == "VisionTransformer" and model.num_classes == 5
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 32)
+  # ... and refuse the CLIP-only options, naming them.
+  with pytest.raises(TypeError, match="ViT checkpoint: vision_heads, hidden_act are CLIP options"):
+    checkpoints_convert.load_model(tmp_path / "vit", hidden_act="gelu", vision_heads=2)
+  assert cli.main([str(tmp_path / "vit"), str(tmp_path / "x.npz"), "--hidden-act", "gelu"]) == 1
+  assert "--hidden-act: for CLIP checkpoints; this is a ViT" in capsys.readouterr().err
 
 
 def test_vit_npz_records_activation_and_epsilon(tmp_path, capsys):

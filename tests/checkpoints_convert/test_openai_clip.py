@@ -3,18 +3,21 @@
 Always run (main venv, CI): a random small HF CLIPModel's weights are written in OpenAI's layout
 (HF's own convert_clip_original_pytorch_to_hf.py read backwards, written out here, not the code
 under test) as torch.save / safetensors files and as a real TorchScript archive; converting them
-back must give the HF model's outputs. A TorchScript archive with a code-running global is refused.
+back must give the HF model's outputs, both as an HF CLIPModel and, through
+`checkpoints_convert.load_model` (and the CLI), as our JAX CLIP. A TorchScript archive with a
+code-running global is refused.
 
 The open_clip tests need `import open_clip`, which needs torchvision, which does not import beside
 the main venv's CPU torch 2.13; they skip there, saying so. Run them in the torch 2.14.1 +
-torchvision venv (open-clip-torch 3.3.0, transformers 5.23.0, safetensors, pytest, absl-py and
-ml-collections added to it):
+torchvision venv (open-clip-torch 3.3.0, transformers 5.23.0, safetensors, pytest, absl-py,
+ml-collections, and jax 0.10.2 + flax 0.12.8 for our CLIP, added to it):
 
   cd /work/main && .venv-timm/bin/python -m pytest -p no:cacheprovider -s \
       tests/checkpoints_convert/test_openai_clip.py
 """
 import collections
 import io
+import logging
 import os
 import pickle
 import subprocess
@@ -31,8 +34,12 @@ transformers = pytest.importorskip("transformers", reason="transformers not inst
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from torch import nn
+from vit_jax import checkpoints_convert
+from vit_jax.checkpoints_convert import __main__ as cli
+from vit_jax.checkpoints_convert import clip as clip_formats
 from vit_jax.checkpoints_convert import common
 from vit_jax.checkpoints_convert import openai_clip
+from vit_jax.checkpoints_convert import torch as torch_formats
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -123,11 +130,31 @@ def _converted_outputs(hf_sd, facts, pixels, ids):
   return _hf_outputs(model, pixels, ids)
 
 
-def _max_diff(a, b):
+def _our_outputs(path, pixels, ids, **kwargs):
+  """`checkpoints_convert.load_model(path, **kwargs)` -> our JAX CLIP's outputs for the torch
+  inputs (NCHW -> NHWC images, int32 tokens)."""
+  jax = pytest.importorskip("jax", reason="jax not installed (our CLIP is a flax module)")
+  model, params = checkpoints_convert.load_model(path, **kwargs)
+  x = np.ascontiguousarray(pixels.numpy().transpose(0, 2, 3, 1))
+  out = jax.jit(lambda p: model.apply({"params": p}, x, ids.numpy().astype(np.int32)))(params)
+  return {k: np.asarray(out[k]) for k in ("logits_per_image", "image_embeds", "text_embeds")}
+
+
+def _diffs(a, b):
+  """{output: max |a - b|}, shapes checked."""
   assert a.keys() == b.keys()
   for k in a:
     assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
-  return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+  return {k: float(np.abs(a[k] - b[k]).max()) for k in a}
+
+
+def _max_diff(a, b):
+  return max(_diffs(a, b).values())
+
+
+def _report(name, diffs):
+  print(f"parity {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+  assert max(diffs.values()) <= 1e-5, (name, diffs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,17 +278,18 @@ def _torchscript_archive(path, sd, dtype=torch.float16):
   return path
 
 
+def _forbidden(*args, **kwargs):
+  raise AssertionError("the reader called torch.jit.load / torch.load on a TorchScript archive")
+
+
 def test_torchscript_archive_matches_hf_and_runs_nothing(tmp_path, monkeypatch):
   hf = _hf_clip(fp16_values=True)
   path = _torchscript_archive(tmp_path / "ViT-T-8.pt", _openai_state_dict(hf))
   assert openai_clip.is_torchscript(str(path))
 
-  def forbidden(*args, **kwargs):
-    raise AssertionError("the reader called torch.jit.load / torch.load")
-
   with monkeypatch.context() as m:
-    m.setattr(torch.jit, "load", forbidden)
-    m.setattr(torch, "load", forbidden)
+    m.setattr(torch.jit, "load", _forbidden)
+    m.setattr(torch, "load", _forbidden)
     raw = openai_clip.read_openai_clip(str(path))
 
   # The reader gives what torch.jit.load's state_dict() gives (trusted fixture: loading it is ok).
@@ -465,6 +493,133 @@ def test_missing_keys_and_heads():
 
 
 # ----------------------------------------------------------------------------------------------
+# The same files through checkpoints_convert.load_model (our JAX CLIP) and the CLI.
+
+
+@pytest.mark.parametrize("file", ["torchscript", "pt"])
+def test_load_model_matches_hf(tmp_path, monkeypatch, caplog, file):
+  """OpenAI's TorchScript `.pt` (float16, as released) and a torch.save state dict (float32) ->
+  `load_model` -> our CLIP's outputs = the HF model's; the assumed activation is warned of."""
+  hf = _hf_clip(fp16_values=file == "torchscript")
+  sd = _openai_state_dict(hf)
+  if file == "torchscript":
+    path = _torchscript_archive(tmp_path / "ViT-T-8.pt", sd)
+  else:
+    path = tmp_path / "state_dict.pt"
+    torch.save(sd, path)
+  ckpt = clip_formats.read(str(path))
+  assert ckpt.format == {"torchscript": clip_formats.OPENAI_FORMAT,
+                         "pt": clip_formats.OPEN_CLIP_FORMAT}[file]
+  assert any("assumed quick_gelu" in n and "hidden_act='gelu'" in n for n in ckpt.notes)
+  assert any("assumed 64-wide" in n and "vision 2, text 1" in n for n in ckpt.notes)
+  c = ckpt.model_config
+  assert (c.image.transformer.num_heads, c.text.num_heads, c.image.mlp_activation,
+          c.text.mlp_activation, c.image.layernorm_epsilon, c.image_size, c.text.context_length,
+          c.embed_dim) == (2, 1, "quick_gelu", "quick_gelu", 1e-5, IMAGE, CONTEXT, EMBED)
+  pixels, ids = _inputs()
+  with monkeypatch.context() as m:
+    if file == "torchscript":  # nothing from the archive may run: neither loader is called
+      m.setattr(torch.jit, "load", _forbidden)
+      m.setattr(torch, "load", _forbidden)
+    with caplog.at_level(logging.WARNING):
+      ours = _our_outputs(path, pixels, ids)
+  assert any(r.levelno == logging.WARNING and "assumed quick_gelu" in r.getMessage()
+             for r in caplog.records), caplog.text
+  _report(f"{ckpt.format} -> load_model -> our CLIP vs HF CLIPModel", _diffs(
+      ours, _hf_outputs(hf, pixels, ids)))
+
+
+def test_load_model_options(tmp_path):
+  """hidden_act and the heads reach the model; misuse names the option and the file."""
+  hf = _hf_clip()
+  path = tmp_path / "clip.pt"
+  torch.save(_openai_state_dict(hf), path)
+  ckpt = clip_formats.read(str(path), vision_heads=4, text_heads=2, hidden_act="gelu")
+  c = ckpt.model_config
+  assert (c.image.transformer.num_heads, c.text.num_heads) == (4, 2)
+  assert c.image.mlp_activation == c.text.mlp_activation == "gelu"
+  assert not c.image.approximate_gelu and not c.text.approximate_gelu
+  assert not any("assumed" in n for n in ckpt.notes)  # nothing was assumed
+
+  model, params = checkpoints_convert.load_model(path, vision_heads=4, hidden_act="gelu")
+  assert model.image["mlp_activation"] == model.text["mlp_activation"] == "gelu"
+  assert model.image["transformer"]["num_heads"] == 4 and model.text["num_heads"] == 1
+  attn = params["img"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+  assert attn["query"]["kernel"].shape == (VISION["hidden_size"], 4, VISION["hidden_size"] // 4)
+  pixels, ids = _inputs()
+  # A wrong activation loads, and computes something else: why the default is logged.
+  gelu = _our_outputs(path, pixels, ids, hidden_act="gelu")
+  assert _max_diff(gelu, _hf_outputs(hf, pixels, ids)) > 1e-3
+
+  with pytest.raises(ValueError, match=r"hidden_act='relu': expected one of .*quick_gelu"):
+    checkpoints_convert.load_model(path, hidden_act="relu")
+  with pytest.raises(TypeError, match="num_classes and num_heads are ViT options"):
+    checkpoints_convert.load_model(path, num_heads=2)
+  hf.save_pretrained(tmp_path / "hf")  # records its activation in config.json
+  with pytest.raises(TypeError, match=r"HF transformers CLIP checkpoint.*hidden_act is for "
+                                      "OpenAI / open_clip"):
+    checkpoints_convert.load_model(tmp_path / "hf", hidden_act="gelu")
+
+
+def test_clip_files_are_not_taken_for_vits(tmp_path):
+  """`read` (the ViT reader) points to load_model; open_clip's timm image tower, whose
+  `visual.trunk.patch_embed.proj.weight` timm's detection would take, is refused as a CLIP."""
+  hf = _hf_clip(fp16_values=True)
+  sd = _openai_state_dict(hf)
+  path = _torchscript_archive(tmp_path / "ViT-T-8.pt", sd)
+  assert clip_formats.is_clip(openai_clip.read_openai_torchscript(str(path)))
+  with pytest.raises(common.CheckpointError, match=r"a CLIP checkpoint \(OpenAI CLIP "
+                                                   r"\(TorchScript\)\), not a ViT.*load_model"):
+    checkpoints_convert.read(path)
+
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  trunk = {k: v.numpy() for k, v in sd.items() if not k.startswith("visual.")}
+  trunk.update({"visual.trunk.patch_embed.proj.weight": np.zeros((128, 3, PATCH, PATCH), "f4"),
+                "visual.trunk.cls_token": np.zeros((1, 1, 128), "f4"),
+                "visual.trunk.pos_embed": np.zeros((1, 17, 128), "f4"),
+                "visual.head.proj.weight": np.zeros((EMBED, 128), "f4")})
+  save_file(trunk, str(tmp_path / "timm_tower.safetensors"))
+  assert torch_formats.is_timm(trunk)  # what the order of detection guards against
+  with pytest.raises(common.CheckpointError, match=r"a CLIP checkpoint \(open_clip state dict"):
+    checkpoints_convert.read(tmp_path / "timm_tower.safetensors")
+  with pytest.raises(common.UnsupportedCheckpointError, match="timm image tower"):
+    checkpoints_convert.load_model(tmp_path / "timm_tower.safetensors")
+
+
+def test_cli_torchscript_to_hf_directory(tmp_path, capsys, monkeypatch):
+  """`python -m vit_jax.checkpoints_convert ViT-T-8.pt out/` -> an HF directory that
+  CLIPModel.from_pretrained loads, with the original's outputs."""
+  hf = _hf_clip(fp16_values=True)
+  path = _torchscript_archive(tmp_path / "ViT-T-8.pt", _openai_state_dict(hf))
+  with monkeypatch.context() as m:
+    m.setattr(torch.jit, "load", _forbidden)
+    m.setattr(torch, "load", _forbidden)
+    assert cli.main([str(path), str(tmp_path / "hf")]) == 0
+  out = capsys.readouterr().out
+  assert f"detected: {clip_formats.OPENAI_FORMAT} ({path})" in out
+  assert "assumed quick_gelu" in out and "--hidden-act gelu" in out
+  n = sum(p.numel() for p in hf.parameters())
+  assert f"parameters: {n:,}" in out
+  again = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+  pixels, ids = _inputs()
+  with capsys.disabled():
+    _report("CLI OpenAI TorchScript -> HF dir -> CLIPModel.from_pretrained vs the original",
+            _diffs(_hf_outputs(again, pixels, ids), _hf_outputs(hf, pixels, ids)))
+
+  argv = [str(path), str(tmp_path / "gelu"), "--hidden-act", "gelu", "--vision-heads", "4",
+          "--text-heads", "2"]
+  assert cli.main(argv) == 0
+  assert "assumed" not in capsys.readouterr().out
+  config = transformers.CLIPConfig.from_pretrained(tmp_path / "gelu")
+  assert config.vision_config.hidden_act == config.text_config.hidden_act == "gelu"
+  assert (config.vision_config.num_attention_heads, config.text_config.num_attention_heads) == (
+      4, 2)
+  # A file that records its activation refuses the flag.
+  assert cli.main([str(tmp_path / "hf"), str(tmp_path / "x.npz"), "--hidden-act", "gelu"]) == 1
+  assert "--hidden-act is for OpenAI / open_clip files" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
 # open_clip's own models (where open_clip imports: see the module docstring).
 
 
@@ -524,3 +679,7 @@ def test_open_clip_matches(tmp_path, kind, file):
   print(f"parity open_clip {open_clip.__version__} {kind} {file} -> HF CLIPModel: "
         f"max |d| {diff:.2e}")
   assert diff <= 1e-5
+  # The same file through checkpoints_convert.load_model, to our JAX CLIP.
+  hidden_act = None if quick_gelu else "gelu"  # None: the default, quick_gelu
+  _report(f"open_clip {kind} {file} -> load_model -> our CLIP vs open_clip",
+          _diffs(_our_outputs(path, pixels, ids, hidden_act=hidden_act), ref))

@@ -45,6 +45,53 @@ def test_malicious_pickles_are_refused_and_nothing_runs(tmp_path):
   assert os.path.exists(marker)
 
 
+def test_malicious_torchscript_is_refused_by_load_model_and_nothing_runs(tmp_path, monkeypatch):
+  """A TorchScript archive (OpenAI's CLIP `.pt` format) with a payload in its data.pkl, at the
+  root or among a module's attributes: `load_model`, `read` and an HF directory holding it refuse
+  it naming the global, and neither torch.load nor torch.jit.load (which would run the archive's
+  code) is called."""
+  torch = pytest.importorskip("torch", reason="torch not installed (pip install .[test])")
+  import types  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  marker = str(tmp_path / "pwned")
+  good = tmp_path / "good.pt"  # a real archive, as torch.jit.save writes one
+  torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(good))
+  # data.pkl as TorchScript writes it (GLOBAL '__torch__.<module> <class>', then its attributes).
+  fake = types.ModuleType("__torch__")
+  fake.Linear = type("Linear", (), {"__module__": "__torch__"})
+  monkeypatch.setitem(sys.modules, "__torch__", fake)
+  module = fake.Linear()
+  module.__dict__.update(training=False, weight=_Payload(marker))
+  payloads = {"root": pickle.dumps(_Payload(marker), protocol=2),
+              "attribute": pickle.dumps(module, protocol=2)}
+  assert all(b"io\nopen" in p for p in payloads.values())
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError("torch.load / torch.jit.load called on a TorchScript archive")
+
+  monkeypatch.setattr(torch, "load", forbidden)
+  monkeypatch.setattr(torch.jit, "load", forbidden)
+  for where, payload in payloads.items():
+    hf_dir = tmp_path / f"hf_{where}"
+    hf_dir.mkdir()
+    bad = tmp_path / f"{where}.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+      for info in src.infolist():
+        dst.writestr(info, payload if info.filename.endswith("/data.pkl") else src.read(info))
+    (hf_dir / "pytorch_model.bin").write_bytes(bad.read_bytes())
+    for load in (checkpoints_convert.load_model, checkpoints_convert.read):
+      for path in (bad, hf_dir):
+        with pytest.raises(checkpoints_convert.UnsafeCheckpointError,
+                           match=r"refused\. Its TorchScript data\.pkl references the global "
+                                 r"io\.open.*nothing from the file was run"):
+          load(str(path))
+        assert not os.path.exists(marker), f"{where} payload, {path}: it ran"
+
+  # The payloads are live: an unrestricted unpickler does create the marker.
+  pickle.loads(payloads["attribute"])
+  assert os.path.exists(marker)
+
+
 def test_no_torch_needed_for_npz_and_safetensors(tmp_path):
   """With torch unimportable, the package imports, and .npz and HF .safetensors load."""
   import jax  # pylint: disable=g-import-not-at-top

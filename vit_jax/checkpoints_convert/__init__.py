@@ -1,12 +1,14 @@
 """Public checkpoints <-> this codebase's Flax params (ViT and CLIP).
 
 Reads upstream vision_transformer / AugReg / big_vision `.npz`, HF transformers ViT and timm
-`vit_*`, and HF transformers `CLIPModel` (safetensors or weights-only torch pickles); writes
-upstream `.npz` and HF directories. Importing this package (and reading `.npz`/`.safetensors`)
-needs no torch.
+`vit_*`, HF transformers `CLIPModel` (safetensors or weights-only torch pickles), OpenAI CLIP
+`.pt` (TorchScript archives, read without running them) and open_clip state dicts; writes
+upstream `.npz` and HF directories. Importing this package (and reading `.npz`/`.safetensors` and
+TorchScript archives) needs no torch.
 
   params = load(path, model_config, image_size=384)        # ViT, any format, auto-detected
   model, params = load_model(path, image_size=..., context_length=...)   # ViT or CLIP
+  model, params = load_model("ViT-B-32.pt")    # OpenAI; open_clip LAION: hidden_act="gelu"
   params = load_for_finetune(config, params)               # the training loop's init hook
   export_npz(params, "out.npz", model_config); export_hf(params, model_config, "out_dir")
   export_hf_clip(params, clip_config, "out_dir")           # HF CLIPModel directory

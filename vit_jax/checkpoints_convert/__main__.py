@@ -3,10 +3,13 @@ r"""Converts a ViT or CLIP checkpoint between formats.
   python -m vit_jax.checkpoints_convert SRC DST [--model b16] [--image-size 384]
       [--num-classes N] [--resize-method bilinear|bicubic|bicubic_antialias] [--num-heads N]
       [--context-length 16] [--text-resize-method truncate|bilinear|...]
+      [--hidden-act quick_gelu|gelu] [--vision-heads N] [--text-heads N]
 
 SRC: upstream/AugReg/big_vision `.npz` (`file.npz:img` for a sub-model), an HF directory or
-file, or a timm state dict; or a CLIP checkpoint: an HF `CLIPModel` directory or file, or a CLIP
-`.npz` written here. DST ending in `.npz`: upstream-style npz (CLIP: our '/'-joined names);
+file, or a timm state dict; or a CLIP checkpoint: an HF `CLIPModel` directory or file, a CLIP
+`.npz` written here, an OpenAI CLIP `.pt` (TorchScript, read without running it) or an open_clip
+state dict (`--hidden-act gelu` for open_clip's LAION models, whose names lack -quickgelu).
+DST ending in `.npz`: upstream-style npz (CLIP: our '/'-joined names);
 anything else: an HF `ViTForImageClassification` (CLIP: `CLIPModel`) directory. Prints the
 detected format, the model, what was resized or dropped, and the parameter count.
 """
@@ -53,6 +56,15 @@ def main(argv=None) -> int:
   parser.add_argument("--text-resize-method", default="truncate",
                       choices=clip.TEXT_RESIZE_METHODS,
                       help="CLIP: how a shorter (or longer) context gets its position embeddings")
+  parser.add_argument("--hidden-act", choices=clip.HIDDEN_ACTS,
+                      help="OpenAI / open_clip CLIP: the MLP activation, which the weights do not "
+                      "tell; default quick_gelu (OpenAI, open_clip *-quickgelu); open_clip's "
+                      "LAION models (names without -quickgelu) need gelu")
+  parser.add_argument("--vision-heads", type=int,
+                      help="CLIP: image-tower attention heads where the file does not record "
+                      "them (default: 64-wide heads)")
+  parser.add_argument("--text-heads", type=int,
+                      help="CLIP: text-tower attention heads where the file does not record them")
   args = parser.parse_args(argv)
 
   from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
@@ -60,8 +72,12 @@ def main(argv=None) -> int:
     state = core.read_state(args.src)
     if clip.is_clip(list(state.arrays)):
       return _main_clip(args, state)
-    if args.context_length is not None:
-      raise common.CheckpointError("--context-length is for CLIP checkpoints; this is a ViT.")
+    given = [flag for flag, value in (("--context-length", args.context_length),
+                                      ("--hidden-act", args.hidden_act),
+                                      ("--vision-heads", args.vision_heads),
+                                      ("--text-heads", args.text_heads)) if value is not None]
+    if given:
+      raise common.CheckpointError(f"{', '.join(given)}: for CLIP checkpoints; this is a ViT.")
     preset = models.get_model_config(args.model) if args.model else None
     heads = args.num_heads or (preset.transformer.num_heads if preset else None)
     ckpt = core.translate(state, num_heads=heads)
@@ -106,12 +122,17 @@ def main(argv=None) -> int:
 
 
 def _main_clip(args, state) -> int:
-  """The CLI for a CLIP source: HF CLIPModel directory or our CLIP .npz."""
+  """The CLI for a CLIP source: HF CLIPModel, our CLIP .npz, OpenAI `.pt` or open_clip."""
   from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
   if args.num_classes != -1 or args.num_heads is not None:
     raise common.CheckpointError("--num-classes and --num-heads are ViT options; the source is "
                                  "a CLIP checkpoint.")
-  ckpt = clip.from_state(state)
+  fmt = clip.describe_format(state.arrays, state.path)
+  if args.hidden_act is not None and fmt not in (clip.OPENAI_FORMAT, clip.OPEN_CLIP_FORMAT):
+    raise common.CheckpointError(f"--hidden-act is for OpenAI / open_clip files; {state.path} is "
+                                 f"a {fmt} checkpoint, which records its activation.")
+  ckpt = clip.from_state(state, vision_heads=args.vision_heads, text_heads=args.text_heads,
+                         hidden_act=args.hidden_act)
   print(f"detected: {ckpt.format} ({ckpt.path})")
   if args.model:
     preset = models.get_clip_config(args.model)

@@ -1,9 +1,11 @@
-"""CLIP checkpoints <-> the CLIP here (models/clip.py): HF `CLIPModel` files and our `.npz`.
+"""CLIP checkpoints <-> the CLIP here (models/clip.py): HF `CLIPModel` files, our `.npz`, and
+(read only) OpenAI's `.pt` (TorchScript) and open_clip state dicts.
 
 The interchange format is the HF `CLIPModel` state dict with numpy values: `vision_model.*`
 (`pre_layrnorm`, sic, is the real key), `text_model.*`, `visual_projection.weight`,
 `text_projection.weight`, `logit_scale`. Other CLIP formats (OpenAI `.pt`, open_clip) are turned
-into that dict first (openai_clip.py), so every CLIP source ends in `translate_hf_clip`:
+into that dict and the `CLIPConfig` kwargs that describe it first (openai_clip.py), so every CLIP
+source ends in `translate_hf_clip`:
 
   model_config, params = translate_hf_clip(state_dict, hf_config_or_None)
   sd = hf_clip_state_dict(params, model_config); export_hf_clip(params, model_config, out_dir)
@@ -27,6 +29,7 @@ import numpy as np
 from vit_jax.checkpoints_convert import common
 from vit_jax.checkpoints_convert import core
 from vit_jax.checkpoints_convert import npz
+from vit_jax.checkpoints_convert import openai_clip
 from vit_jax.checkpoints_convert import posemb
 from vit_jax.checkpoints_convert import torch as torch_formats
 
@@ -66,6 +69,10 @@ _HF_DEFAULTS = {"img": {"num_attention_heads": 12, "hidden_act": "quick_gelu",
 _TOWER_NAMES = {"img": "vision", "txt": "text"}
 HF_FORMAT = "HF transformers CLIP"
 NPZ_FORMAT = "vit_jax CLIP .npz"
+OPENAI_FORMAT = "OpenAI CLIP (TorchScript)"  # any TorchScript archive in OpenAI's layout
+OPEN_CLIP_FORMAT = "open_clip state dict"  # torch.save / safetensors in OpenAI's layout
+# What `hidden_act` may say for OpenAI / open_clip files (HF's names, as config.json has them).
+HIDDEN_ACTS = tuple(sorted(_HF_ACT))
 TEXT_RESIZE_METHODS = ("truncate",) + posemb.METHODS
 # One torch parameter -> our name and layout (attention head split, Linear/conv transposes).
 _put = torch_formats._put  # pylint: disable=protected-access
@@ -83,12 +90,22 @@ def is_clip_npz(keys) -> bool:
 
 
 def is_clip(keys) -> bool:
-  """Whether a file's keys are a CLIP checkpoint this module reads (HF CLIPModel or our .npz)."""
-  return is_hf_clip(keys) or is_clip_npz(keys)
+  """Whether a file's keys are a CLIP checkpoint this module reads: HF CLIPModel, our .npz, or
+  OpenAI's layout (OpenAI, open_clip). The last includes the variants that are then refused
+  (ResNet, open_clip's `visual.trunk.` timm tower) so that they are told why, and are never
+  taken for timm ViTs (`visual.trunk.patch_embed.proj.weight` looks like one)."""
+  keys = list(keys)
+  return is_hf_clip(keys) or is_clip_npz(keys) or openai_clip.is_openai_clip(keys)
 
 
-def describe_format(keys) -> str:
-  return HF_FORMAT if is_hf_clip(keys) else NPZ_FORMAT
+def describe_format(keys, path: Optional[str] = None) -> str:
+  """The format name of a CLIP file's keys (`path` tells OpenAI's TorchScript from open_clip)."""
+  keys = list(keys)
+  if is_hf_clip(keys):
+    return HF_FORMAT
+  if is_clip_npz(keys):
+    return NPZ_FORMAT
+  return OPENAI_FORMAT if path and openai_clip.is_torchscript(path) else OPEN_CLIP_FORMAT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,23 +331,42 @@ def describe(c) -> str:
 
 
 class ClipCheckpoint(NamedTuple):
-  format: str  # HF_FORMAT | NPZ_FORMAT
+  format: str  # HF_FORMAT | NPZ_FORMAT | OPENAI_FORMAT | OPEN_CLIP_FORMAT
   path: str
   model_config: object  # ConfigDict, configs/models.py CLIP layout
   params: Dict[str, np.ndarray]  # flat, '/'-joined
   notes: List[str]
 
 
-def read(path: str, *, vision_heads: Optional[int] = None,
-         text_heads: Optional[int] = None) -> ClipCheckpoint:
-  """Reads an HF CLIPModel directory/file or our CLIP `.npz` (see core.read_state)."""
-  return from_state(core.read_state(path), vision_heads=vision_heads, text_heads=text_heads)
+def read(path: str, *, vision_heads: Optional[int] = None, text_heads: Optional[int] = None,
+         hidden_act: Optional[str] = None) -> ClipCheckpoint:
+  """Reads an HF CLIPModel directory/file, our CLIP `.npz`, an OpenAI CLIP `.pt` (TorchScript,
+  read without running it) or an open_clip state dict (see core.read_state).
+
+  Args:
+    path: the file or directory.
+    vision_heads, text_heads: attention heads, for files that do not record them (OpenAI /
+      open_clip files, an HF file without config.json); default: 64-wide heads, OpenAI's rule.
+    hidden_act: OpenAI / open_clip files only, which do not record it: the MLP activation
+      (HIDDEN_ACTS). Default "quick_gelu", right for OpenAI's models and open_clip's
+      `*-quickgelu`; open_clip's LAION models (names without -quickgelu) need "gelu".
+  """
+  return from_state(core.read_state(path), vision_heads=vision_heads, text_heads=text_heads,
+                    hidden_act=hidden_act)
 
 
 def from_state(state: core.State, *, vision_heads: Optional[int] = None,
-               text_heads: Optional[int] = None) -> ClipCheckpoint:
+               text_heads: Optional[int] = None,
+               hidden_act: Optional[str] = None) -> ClipCheckpoint:
   """`read` for a file already read with core.read_state."""
   keys = list(state.arrays)
+  if openai_clip.is_openai_clip(keys):
+    return _from_openai_state(state, vision_heads=vision_heads, text_heads=text_heads,
+                              hidden_act=hidden_act)
+  if hidden_act is not None:
+    raise TypeError(f"{state.path} is a {describe_format(keys)} checkpoint, which records its "
+                    "activation: hidden_act is for OpenAI / open_clip files (to compute with "
+                    "another, override model.image/text.mlp_activation instead).")
   if is_clip_npz(keys):
     flat, meta = npz.split_metadata(state.arrays, state.path)
     act = {}
@@ -350,8 +386,40 @@ def from_state(state: core.State, *, vision_heads: Optional[int] = None,
     if note:
       notes.append(note)
     return ClipCheckpoint(HF_FORMAT, state.path, c, common.flatten(params), notes)
-  raise common.CheckpointError(f"{state.path}: not a CLIP checkpoint (HF CLIPModel or our CLIP "
-                               f".npz). First keys: {sorted(keys)[:8]}")
+  raise common.CheckpointError(f"{state.path}: not a CLIP checkpoint (HF CLIPModel, our CLIP "
+                               f".npz, OpenAI or open_clip). First keys: {sorted(keys)[:8]}")
+
+
+def _from_openai_state(state: core.State, *, vision_heads: Optional[int],
+                       text_heads: Optional[int], hidden_act: Optional[str]) -> ClipCheckpoint:
+  """An OpenAI `.pt` / open_clip file: to HF CLIPModel names and CLIPConfig kwargs
+  (openai_clip.py), then through `translate_hf_clip` as any HF CLIP."""
+  fmt = describe_format(state.arrays, state.path)
+  notes = []
+  if hidden_act is None:
+    # Nothing in the file says which: OpenAI's nn.GELU subclass QuickGELU and open_clip's nn.GELU
+    # hold no weights. A wrong guess gives plausible but wrong embeddings, so say so every time.
+    hidden_act = "quick_gelu"
+    notes.append("MLP activation: assumed quick_gelu, which the weights cannot tell (right for "
+                 "OpenAI's models and open_clip's *-quickgelu ones); open_clip's LAION models "
+                 "(names without -quickgelu) need hidden_act='gelu' (CLI: --hidden-act gelu)")
+    # A warning, not only the notes fit() logs at INFO level, which absl hides by default.
+    logging.warning("checkpoints_convert: %s: %s", state.path, notes[-1])
+  elif hidden_act not in HIDDEN_ACTS:
+    raise ValueError(f"hidden_act={hidden_act!r}: expected one of {HIDDEN_ACTS}.")
+  sd = openai_clip.unwrap(state.arrays)
+  hf_sd, facts = openai_clip.openai_to_hf_clip(
+      sd, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act,
+      path=state.path)
+  assumed = [f"{name} {facts[f'{name}_config']['num_attention_heads']}"
+             for name, given in (("vision", vision_heads), ("text", text_heads)) if not given]
+  if assumed:
+    # True of every OpenAI release and open_clip's default head_width, not of all open_clip
+    # models (ViT-bigG-14's image tower has 104-wide heads): wrong heads load but compute wrong.
+    notes.append(f"attention heads: assumed 64-wide, OpenAI's rule ({', '.join(assumed)}); "
+                 "pass vision_heads/text_heads where the model's head width differs")
+  c, params = translate_hf_clip(hf_sd, facts, path=state.path)
+  return ClipCheckpoint(fmt, state.path, c, common.flatten(params), notes)
 
 
 def _resample_text_posemb(pe: np.ndarray, length: int, method: str, notes: List[str],
@@ -441,9 +509,11 @@ def _activation_warnings(file_config, model_config) -> List[str]:
 def load_state(state: core.State, *, model_config=None, image_size=None,
                context_length: Optional[int] = None, resize_method: str = "bilinear",
                text_resize_method: str = "truncate", module_kwargs: Optional[Mapping] = None,
-               overrides: Optional[Mapping] = None):
+               overrides: Optional[Mapping] = None, vision_heads: Optional[int] = None,
+               text_heads: Optional[int] = None, hidden_act: Optional[str] = None):
   """core.load_model for a CLIP file: (model, params)."""
-  ckpt = from_state(state)
+  ckpt = from_state(state, vision_heads=vision_heads, text_heads=text_heads,
+                    hidden_act=hidden_act)
   if overrides:
     model_config = core.override_config(
         model_config if model_config is not None else ckpt.model_config, overrides)

@@ -13,6 +13,7 @@ import numpy as np
 
 from vit_jax.checkpoints_convert import common
 from vit_jax.checkpoints_convert import npz
+from vit_jax.checkpoints_convert import openai_clip
 from vit_jax.checkpoints_convert import posemb
 from vit_jax.checkpoints_convert import torch as torch_formats
 
@@ -49,8 +50,13 @@ def _kind(path: str) -> str:
 
 
 def _read_torch_file(path: str) -> Dict[str, np.ndarray]:
+  """{name: array} from a `.safetensors`, a TorchScript archive or a `torch.save` pickle."""
   if _kind(path) == "safetensors":
     return torch_formats.read_safetensors(path)
+  if openai_clip.is_torchscript(path):
+    # OpenAI's CLIP `.pt`: torch.load(weights_only=True) refuses TorchScript archives and
+    # torch.jit.load would run the archive's code; this reader runs nothing from the file.
+    return openai_clip.read_openai_torchscript(path)
   return torch_formats.read_pickle(path)
 
 
@@ -64,8 +70,9 @@ class State(NamedTuple):
 
 def read_state(path: str) -> State:
   """Reads a checkpoint's arrays (and config.json) under the file's own names: an `.npz`, an HF
-  directory (model.safetensors or pytorch_model.bin, sharded or not) or one torch/safetensors
-  file. Pickles are read refusing code execution (see torch.read_pickle)."""
+  directory (model.safetensors or pytorch_model.bin, sharded or not), one torch/safetensors file
+  or a TorchScript archive (OpenAI's CLIP `.pt`). Pickles are read refusing code execution (see
+  torch.read_pickle and openai_clip.read_openai_torchscript)."""
   path, subtree = _split_subtree(os.fspath(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -95,9 +102,10 @@ def translate(state: State, *, num_heads: Optional[int] = None) -> common.Checkp
   from vit_jax.checkpoints_convert import clip  # pylint: disable=g-import-not-at-top
   path, subtree, arrays, hf_config = state
   keys = list(arrays)
+  # Before the ViT formats: open_clip's timm image tower (visual.trunk.*) has timm's key names.
   if clip.is_clip(keys):
     raise common.CheckpointError(
-        f"{path}: a CLIP checkpoint ({clip.describe_format(keys)}), not a ViT: load it "
+        f"{path}: a CLIP checkpoint ({clip.describe_format(keys, path)}), not a ViT: load it "
         "with checkpoints_convert.load_model(path) (or checkpoints_convert.clip.read).")
   if npz.is_npz_tree(keys):
     ckpt = npz.translate(arrays, subtree=subtree, path=path)
@@ -320,16 +328,20 @@ def override_config(model_config, overrides: Mapping[str, object]):
 def load_model(path: str, *, model_config=None, image_size: Optional[ImageSize] = None,
                context_length: Optional[int] = None, num_classes: Optional[int] = -1,
                resize_method: str = "bilinear", text_resize_method: str = "truncate",
-               num_heads: Optional[int] = None, dtype="float32", param_dtype="float32",
-               remat: bool = False, **overrides):
+               num_heads: Optional[int] = None, vision_heads: Optional[int] = None,
+               text_heads: Optional[int] = None, hidden_act: Optional[str] = None,
+               dtype="float32", param_dtype="float32", remat: bool = False, **overrides):
   """Builds the flax module a checkpoint holds, ViT or CLIP (told from its keys), and its params.
 
     model, params = load_model("openai-clip-vit-base-patch32/")   # HF CLIPModel directory
+    model, params = load_model("ViT-B-32.pt")                     # OpenAI's TorchScript file
+    model, params = load_model("open_clip_pytorch_model.bin", hidden_act="gelu")  # LAION
     out = model.apply({"params": params}, images, tokens)
 
   Args:
-    path: any file `read` takes, an HF `CLIPModel` directory or file, or a CLIP `.npz` written by
-      this package.
+    path: any file `read` takes, an HF `CLIPModel` directory or file, a CLIP `.npz` written by
+      this package, an OpenAI CLIP `.pt` (TorchScript; read without running any of it) or an
+      open_clip state dict (`.pt`/`.bin` training checkpoint or `.safetensors`).
     model_config: the model config to build; None: inferred from the checkpoint.
     image_size: int or (height, width) to run at; position embeddings are resampled to it with
       `resize_method` (posemb.METHODS). Default: the checkpoint's own.
@@ -338,6 +350,11 @@ def load_model(path: str, *, model_config=None, image_size: Optional[ImageSize] 
       (a posemb.METHODS name, e.g. "bilinear").
     num_classes: ViT only: as `load` (-1 keeps the checkpoint's head).
     num_heads: ViT only: attention heads, for files that do not record them.
+    vision_heads, text_heads: CLIP only: attention heads, for files that do not record them
+      (OpenAI / open_clip, an HF file without config.json); default: 64-wide heads.
+    hidden_act: OpenAI / open_clip only (the weights do not tell): the MLP activation, one of
+      clip.HIDDEN_ACTS. Default "quick_gelu" (OpenAI's models, open_clip's `*-quickgelu`);
+      open_clip's LAION models, named without -quickgelu, need "gelu". A note is logged.
     dtype, param_dtype, remat: module arguments.
     **overrides: model-config keys to change (`layernorm_epsilon=1e-6`, or for a section
       `text={"dropout_rate": 0.1}`).
@@ -358,9 +375,14 @@ def load_model(path: str, *, model_config=None, image_size: Optional[ImageSize] 
     return clip.load_state(
         state, model_config=model_config, image_size=image_size, context_length=context_length,
         resize_method=resize_method, text_resize_method=text_resize_method,
-        module_kwargs=module_kwargs, overrides=overrides)
-  if context_length is not None:
-    raise TypeError(f"{state.path} is a ViT checkpoint: context_length is a CLIP option.")
+        module_kwargs=module_kwargs, overrides=overrides, vision_heads=vision_heads,
+        text_heads=text_heads, hidden_act=hidden_act)
+  given = [name for name, value in (("context_length", context_length),
+                                    ("vision_heads", vision_heads), ("text_heads", text_heads),
+                                    ("hidden_act", hidden_act)) if value is not None]
+  if given:
+    raise TypeError(f"{state.path} is a ViT checkpoint: {', '.join(given)} "
+                    f"{'is a CLIP option' if len(given) == 1 else 'are CLIP options'}.")
   if num_heads is None and model_config is not None:
     num_heads = model_config.transformer.num_heads
   ckpt = translate(state, num_heads=num_heads)

@@ -5,7 +5,8 @@ run the archive's code, so `read_openai_torchscript` never calls it (nor torch a
 unpickles `data.pkl` with an allow-list of tensor-rebuild globals, turns every `__torch__.*`
 module class into an inert record of its attributes, and builds numpy arrays from the raw
 storages in the zip. open_clip's `.pt`/`.bin` state dicts go through `torch.read_pickle`
-(weights-only) and `.safetensors` through `torch.read_safetensors`.
+(weights-only) and `.safetensors` through `torch.read_safetensors`; core.read_state reads all
+three the same way, so `checkpoints_convert.load_model` takes these files as they are.
 
 Translating: `openai_to_hf_clip` maps the OpenAI layout (which open_clip's ViT `CLIP` keeps, and
 its `CustomTextCLIP` keeps under `text.`) to HF `CLIPModel` state-dict names plus the
@@ -23,7 +24,6 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import numpy as np
 
 from vit_jax.checkpoints_convert import common
-from vit_jax.checkpoints_convert import torch as torch_formats
 
 # ----------------------------------------------------------------------------------------------
 # TorchScript archives, read without running anything from them.
@@ -289,17 +289,13 @@ def read_openai_torchscript(path: str) -> Dict[str, np.ndarray]:
 def read_openai_clip(path: str) -> Dict[str, np.ndarray]:
   """{name: array} from an OpenAI CLIP `.pt` (TorchScript) or an open_clip checkpoint.
 
-  TorchScript archives -> `read_openai_torchscript`; `.safetensors` -> `torch.read_safetensors`;
-  other pickles (`torch.save` of a state dict, maybe wrapped) -> `torch.read_pickle`
-  (weights-only). Names come back as stored; `openai_to_hf_clip` unwraps `state_dict.`/`module.`.
+  The file reader every format shares (core.read_state's): TorchScript archives ->
+  `read_openai_torchscript`; `.safetensors` -> `torch.read_safetensors`; other pickles
+  (`torch.save` of a state dict, maybe wrapped) -> `torch.read_pickle` (weights-only). Names come
+  back as stored; `unwrap` strips `state_dict.`/`module.`.
   """
-  if is_torchscript(path):
-    return read_openai_torchscript(path)
-  with open(path, "rb") as f:
-    head = f.read(9)
-  if path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{"):
-    return torch_formats.read_safetensors(path)
-  return torch_formats.read_pickle(path)
+  from vit_jax.checkpoints_convert import core  # pylint: disable=g-import-not-at-top  # imports us
+  return core._read_torch_file(os.fspath(path))  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------------------------
