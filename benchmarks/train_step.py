@@ -136,11 +136,11 @@ def _our_step(args, **overrides):
   step = backend.compile_train_step(
       train.make_train_step(task.loss_fn, tx, schedules, backend.mean, config.accum_steps))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  return step, state, batch, n_params, config.model.name
+  return step, state, batch, n_params, config.model.name, task, config
 
 
 def run_ours(args) -> dict:
-  step, state, batch, n_params, name = _our_step(args)
+  step, state, batch, n_params, name, _, _ = _our_step(args)
   seconds, flops, memory = measure(step, state, batch, jax.random.PRNGKey(1), args.steps,
                                    args.repeats)
   return report(f"vit_jax {name}", n_params, args, seconds, flops, memory)
@@ -156,19 +156,41 @@ MEMORY_SETTINGS = {
 }
 
 
+def saved_activation_bytes(loss_fn, params, batch, rng) -> int:
+  """Bytes the forward keeps for the backward pass (jax's residuals: what remat and bf16 shrink),
+  for one (micro-)batch, from shapes only and independent of the platform."""
+  from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top  (no public twin)
+  residuals = ad_checkpoint.saved_residuals(lambda p, b: loss_fn(p, b, rng)[0], params, batch)
+  # The params and the batch show up as residuals too ("from the argument"); they are counted
+  # once, as params (and the batch is the input).
+  return int(sum(np.prod(r.shape) * np.dtype(r.dtype).itemsize for r, why in residuals
+                 if "from the argument" not in why))
+
+
 def run_memory(args) -> None:
-  """Per-device bytes of the compiled step for each MEMORY_SETTINGS entry (compile only)."""
+  """Per-device bytes for each MEMORY_SETTINGS entry, from shapes (nothing runs or is allocated).
+
+  params + gradients + optimizer state + the activations saved for the backward pass is the
+  estimate that carries to any accelerator. XLA's own analysis of the CPU compilation is printed
+  beside it, but XLA:CPU drops remat's optimisation barriers and computes bf16 in fp32, so that
+  column does not show what remat or bf16 save on a GPU or TPU.
+  """
+  from vit_jax import optim  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
-  print(f"{args.model} batch={args.batch} image={args.image_size} optimizer={args.optimizer} "
-        f"on {jax.devices()[0].device_kind} (MiB per device; peak = arguments + outputs + "
-        "temporaries - donated buffers reused)")
-  print(f"{'setting':<22}{'arguments':>12}{'outputs':>12}{'temporaries':>13}{'peak':>12}")
+  print(f"{args.model} batch={args.batch} per device, image={args.image_size}, "
+        f"optimizer={args.optimizer} (MiB per device)")
+  print(f"{'setting':<22}{'params':>9}{'grads':>9}{'opt state':>11}{'activations':>13}"
+        f"{'estimate':>10}{'XLA:CPU peak':>14}")
   for name, overrides in MEMORY_SETTINGS.items():
-    step, state, batch, _, _ = _our_step(args, **overrides)
+    step, state, batch, _, _, task, config = _our_step(args, **overrides)
+    micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (x.shape[0] // config.accum_steps,) + x.shape[1:], x.dtype), batch)
+    acts = saved_activation_bytes(task.loss_fn, state.params, micro, jax.random.PRNGKey(1))
+    params, opt = optim.tree_bytes(state.params), optim.tree_bytes(state.opt_state)
     mem = train.memory_analysis(step.lower(state, batch, jax.random.PRNGKey(1)).compile())
-    mib = lambda k: f"{mem[k] / 2**20:,.0f}"
-    print(f"{name:<22}{mib('argument'):>12}{mib('output'):>12}{mib('temp'):>13}{mib('peak'):>12}",
-          flush=True)
+    mib = lambda b: f"{b / 2**20:,.0f}"
+    print(f"{name:<22}{mib(params):>9}{mib(params):>9}{mib(opt):>11}{mib(acts):>13}"
+          f"{mib(2 * params + opt + acts):>10}{mib(mem.get('peak', 0)):>14}", flush=True)
 
 
 def run_peer(args) -> list:

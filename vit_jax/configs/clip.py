@@ -64,6 +64,9 @@ def _dataset(c: ml_collections.ConfigDict, dataset: str, image_size: int) -> Non
                   "value_range(-1,1)|tokenize")
     c.pp.test = "decode|value_range(-1,1)|onehot(10)"
     c.evals = ("zeroshot",)
+    c.zeroshot.templates = FASHION_TEMPLATES  # the caption templates: no new words at test time
+    # Captions are a few words: 16 tokens (OWL-ViT's context) instead of CLIP's 77.
+    c.context_length = c.model.text.context_length = 16
     c.cache_train, c.shuffle_buffer = True, 60_000
     c.batch, c.batch_eval = 256, 1000
     c.total_steps, c.warmup_steps = 1000, 100
