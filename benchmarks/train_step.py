@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --model b16 --batch 8 --dtype bfloat16
     python benchmarks/train_step.py --model ti16 --batch 32 --upstream /path/to/vision_transformer
     python benchmarks/train_step.py --model ti16 --batch 32 --peer timm --torch-python .venv-timm/bin/python
-    python benchmarks/train_step.py --model b16 --batch 32 --memory   # compile only: bytes per device
+    python benchmarks/train_step.py --model b16 --batch 32 --memory   # bytes per device, from shapes
 
 Runs the real step from vit_jax.train (forward, backward, optimizer update, donated state) on a
 synthetic batch at --image-size, with the config's optimizer (default: upstream's fine-tuning
@@ -22,9 +22,10 @@ package is also called `vit_jax`) and imports nothing of ours.
 
 Every run also prints the compiled step's memory analysis (per device: arguments, outputs,
 temporaries) and the model FLOP utilisation: XLA's FLOP count of the step over the device's peak
-(PEAK_TFLOPS below, matched on `device_kind`, or --peak-tflops). --memory compiles, without
-running or allocating anything, the step for fp32, bf16, remat, remat with a policy and
-accum_steps, and prints their per-device bytes.
+(PEAK_TFLOPS below, matched on `device_kind`, or --peak-tflops). --memory prints, from shapes
+only (nothing runs or is allocated), the per-device bytes of params, gradients, optimizer state
+and the activations kept for the backward pass, for fp32, bf16, remat, remat with a policy and
+accum_steps (--memory-xla adds XLA:CPU's analysis of each compiled step).
 """
 import argparse
 import json
@@ -172,7 +173,7 @@ def run_memory(args) -> None:
 
   params + gradients + optimizer state + the activations saved for the backward pass is the
   estimate that carries to any accelerator. XLA's own analysis of the CPU compilation is printed
-  beside it, but XLA:CPU drops remat's optimisation barriers and computes bf16 in fp32, so that
+  beside it with --memory-xla, but XLA:CPU drops remat's optimisation barriers and computes bf16 in fp32, so that
   column does not show what remat or bf16 save on a GPU or TPU.
   """
   from vit_jax import optim  # pylint: disable=g-import-not-at-top
@@ -187,8 +188,10 @@ def run_memory(args) -> None:
         (x.shape[0] // config.accum_steps,) + x.shape[1:], x.dtype), batch)
     acts = saved_activation_bytes(task.loss_fn, state.params, micro, jax.random.PRNGKey(1))
     params, opt = optim.tree_bytes(state.params), optim.tree_bytes(state.opt_state)
-    mem = train.memory_analysis(step.lower(state, batch, jax.random.PRNGKey(1)).compile())
-    mib = lambda b: f"{b / 2**20:,.0f}"
+    mem = {}
+    if args.memory_xla:  # a full compile per setting: minutes for L/16 at 384 px
+      mem = train.memory_analysis(step.lower(state, batch, jax.random.PRNGKey(1)).compile())
+    mib = lambda b: f"{b / 2**20:,.0f}" if b else "-"
     print(f"{name:<22}{mib(params):>9}{mib(params):>9}{mib(opt):>11}{mib(acts):>13}"
           f"{mib(2 * params + opt + acts):>10}{mib(mem.get('peak', 0)):>14}", flush=True)
 
@@ -262,7 +265,9 @@ def main():
   ap.add_argument("--peer-modes", default="eager,compile")
   ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table)")
   ap.add_argument("--memory", action="store_true",
-                  help="compile only and print per-device memory for each setting")
+                  help="print per-device memory for each setting, from shapes (nothing runs)")
+  ap.add_argument("--memory-xla", action="store_true",
+                  help="with --memory: also compile each setting for XLA:CPU's own analysis")
   args = ap.parse_args()
 
   if args.memory:

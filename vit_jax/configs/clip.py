@@ -108,14 +108,7 @@ def _recipe(name: str) -> dict:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg` is 'MODEL,DATASET[,RECIPE]', e.g. 'b32,captions,lora' (empty: the Fashion-MNIST demo)."""
-  parts = [p.strip() for p in (arg or DEFAULT).split(",")]
-  if len(parts) not in (2, 3):
-    raise ValueError(f"Config argument {arg!r}: expected 'MODEL,DATASET[,RECIPE]' such as "
-                     "'b32,captions,lit'.")
-  model_name, dataset = parts[:2]
-  if dataset not in DATASETS:
-    raise ValueError(f"Unknown dataset {dataset!r} in config argument {arg!r}: expected one of "
-                     f"{', '.join(DATASETS)}.")
+  model_name, dataset, recipe = common.parse_arg(arg, DEFAULT, DATASETS, "b32,captions,lit")
   c = common.get_base_config()
   add_contrastive_keys(c)
   c.model = models.get_clip_config(model_name)
@@ -127,6 +120,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss = "softmax_xent"  # unused by this task; kept so shared keys stay valid
   image_size = c.model.image_size
   _dataset(c, dataset, image_size)
-  c.update(_recipe(parts[2] if len(parts) == 3 else "full"))
+  c.update(_recipe(recipe or "full"))
   c.lock()
   return c

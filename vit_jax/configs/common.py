@@ -101,6 +101,19 @@ def add_input_keys(c: ml_collections.ConfigDict) -> None:
   c.context_length = 77  # tokens per text, SOT and EOT included (CLIP 77, OWL-ViT 16)
 
 
+def parse_arg(arg: str, default: str, datasets, example: str):
+  """'MODEL,DATASET[,RECIPE]' (empty: `default`) -> (model, dataset, recipe or None), checking the
+  dataset against `datasets`; `example` goes in the error message."""
+  parts = [p.strip() for p in (arg or default).split(",")]
+  if len(parts) not in (2, 3):
+    raise ValueError(f"Config argument {arg!r}: expected 'MODEL,DATASET[,RECIPE]' such as "
+                     f"{example!r}.")
+  if parts[1] not in datasets:
+    raise ValueError(f"Unknown dataset {parts[1]!r} in config argument {arg!r}: expected one of "
+                     f"{', '.join(datasets)}.")
+  return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   add_loop_keys(c)

@@ -28,18 +28,22 @@ MODEL_NAMES = ("ViT-Ti_16", "ViT-S_16", "ViT-S_32", "ViT-B_16", "ViT-B_32", "ViT
                "ViT-L_16", "ViT-L_32", "ViT-H_14", "ViT-mu_7", "ViT-nano_4")
 
 
-def _parse(name: str):
-  """'b16' | 'B/16' | 'ViT-B_16' | 'B_16' -> ('B', 16)."""
+def _split_name(name: str, prefixes) -> tuple:
+  """'B/16' | 'ViT-B_16' | 'b16' -> ('B' or 'b', '16'); the patch is '' when the name has none."""
   s = name.strip()
-  for prefix in ("ViT-", "vit-", "vit_", "ViT_"):
+  for prefix in prefixes:
     if s.startswith(prefix):
       s = s[len(prefix):]
   s = s.replace("/", "_")
   if "_" in s:
-    width, patch = s.split("_", 1)
-  else:
-    i = len(s.rstrip("0123456789"))
-    width, patch = s[:i], s[i:]
+    return tuple(s.split("_", 1))
+  i = len(s.rstrip("0123456789"))
+  return s[:i], s[i:]
+
+
+def _parse(name: str):
+  """'b16' | 'B/16' | 'ViT-B_16' | 'B_16' -> ('B', 16)."""
+  width, patch = _split_name(name, ("ViT-", "vit-", "vit_", "ViT_"))
   canon = {k.lower(): k for k in _WIDTHS}
   if width.lower() not in canon or not patch.isdigit():
     raise ValueError(f"Unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} "
@@ -91,16 +95,8 @@ CLIP_MODEL_NAMES = ("CLIP-B_32", "CLIP-B_16", "CLIP-L_14", "CLIP-mu_7", "CLIP-mu
 
 def _parse_clip(name: str):
   """'b32' | 'B/32' | 'ViT-B/32' | 'CLIP-B_32' | 'mu' | 'nano' -> ('B', 32)."""
-  s = name.strip()
-  for prefix in ("CLIP-", "clip-", "clip_", "CLIP_", "ViT-", "vit-", "vit_", "ViT_"):
-    if s.startswith(prefix):
-      s = s[len(prefix):]
-  s = s.replace("/", "_")
-  if "_" in s:
-    width, patch = s.split("_", 1)
-  else:
-    i = len(s.rstrip("0123456789"))
-    width, patch = s[:i], s[i:]
+  width, patch = _split_name(name, ("CLIP-", "clip-", "clip_", "CLIP_", "ViT-", "vit-", "vit_",
+                                    "ViT_"))
   canon = {k.lower(): k for k in _CLIP}
   width = canon.get(width.lower())
   if width is not None and not patch and width in _CLIP_DEFAULT_PATCH:

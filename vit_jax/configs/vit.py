@@ -102,21 +102,14 @@ def _recipe(name: str) -> dict:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg` is 'MODEL,DATASET[,RECIPE]', e.g. 'b16,cifar10' (empty: the Fashion-MNIST demo)."""
-  parts = [p.strip() for p in (arg or DEFAULT).split(",")]
-  if len(parts) not in (2, 3):
-    raise ValueError(f"Config argument {arg!r}: expected 'MODEL,DATASET[,RECIPE]' such as "
-                     "'b16,cifar10'.")
-  model_name, dataset = parts[:2]
-  if dataset not in DATASETS:
-    raise ValueError(f"Unknown dataset {dataset!r} in config argument {arg!r}: expected one of "
-                     f"{', '.join(DATASETS)}.")
+  model_name, dataset, recipe = common.parse_arg(arg, DEFAULT, DATASETS, "b16,cifar10")
   c = common.get_base_config()
   c.model = models.get_model_config(model_name)
   if dataset == "fashion_mnist":
     _fashion_mnist(c)
   else:
     _finetune(c, dataset, c.model.name)
-  if len(parts) == 3:
-    c.update(_recipe(parts[2]))
+  if recipe:
+    c.update(_recipe(recipe))
   c.lock()
   return c
