@@ -241,9 +241,10 @@ def run_upstream(args) -> dict:
 
   step = jax.jit(step, donate_argnums=(0,))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  seconds, flops = measure(step, (params, tx.init(params)), jax.device_put(batch),
+  seconds, flops, memory = measure(step, (params, tx.init(params)), jax.device_put(batch),
                            jax.random.PRNGKey(1), args.steps, args.repeats)
-  return report(f"upstream models_vit {model_config.model_name}", n_params, args, seconds, flops)
+  return report(f"upstream models_vit {model_config.model_name}", n_params, args, seconds, flops,
+                memory)
 
 
 def main():
