@@ -64,15 +64,23 @@ def peak_tflops(dtype: str, override=None):
   return None
 
 
+def _train_module():
+  """Our vit_jax.train, or None in the --upstream worker (where `vit_jax` is upstream's)."""
+  try:
+    from vit_jax import train  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return train if hasattr(train, "memory_analysis") else None
+
+
 def measure(step, state, batch, rng_key, steps: int, repeats: int):
   """(best seconds per step, XLA's FLOPs per step, memory analysis) of
   `step(state, batch, rng) -> (state, out)`; compiles once and times the executable."""
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
   compiled = step.lower(state, batch, rng_key).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
-  memory = train.memory_analysis(compiled) if hasattr(compiled, "memory_analysis") else {}
+  memory = _train_module().memory_analysis(compiled) if _train_module() else {}
   state, out = compiled(state, batch, rng_key)  # first step
   jax.block_until_ready(out)
   best = float("inf")
@@ -104,8 +112,7 @@ def report(name: str, n_params: int, args, seconds: float, flops: float, memory=
         f"GFLOP/step={row['gflop_per_step']:.1f}  GFLOP/s={row['gflop_per_s']:.1f}  MFU={mfu}",
         flush=True)
   if memory:
-    from vit_jax import train  # pylint: disable=g-import-not-at-top
-    print(f"  {train.format_memory(memory)}", flush=True)
+    print(f"  {_train_module().format_memory(memory)}", flush=True)
   return row
 
 
