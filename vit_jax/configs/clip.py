@@ -79,6 +79,7 @@ def _dataset(c: ml_collections.ConfigDict, dataset: str, image_size: int) -> Non
     c.pp.train, c.pp.test = _clip_pp(image_size, True), _clip_pp(image_size, False)
     c.evals = ("retrieval",)
     c.max_captions_eval = 1
+    c.context_length = c.model.text.context_length = 32  # one-line captions
     c.cache_train, c.shuffle_buffer = False, 1000
     c.batch, c.batch_eval = 64, 80
     c.total_steps, c.warmup_steps = 1000, 100
