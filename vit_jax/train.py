@@ -304,13 +304,18 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
 
   train_step = backend.compile_train_step(
       make_train_step(task.loss_fn, tx, schedules, backend.mean, config.accum_steps))
-  # Compiled ahead of the loop (the loop then calls the executable: no second compile), so its
-  # memory needs are known before the first step runs out of memory.
+  # Compiled ahead of the loop, so its memory needs are known before the first step runs out of
+  # memory. Under pjit the loop then calls this executable (no second compile). Under pmap it
+  # keeps calling the pmapped function: with several processes a pmap step returns global arrays
+  # whose types differ from the per-process inputs it was compiled for, which only the pmap
+  # dispatcher accepts (one more compile, on the first step).
   t_compile = time.perf_counter()
-  train_step = train_step.lower(state, backend.put_batch(device_batch(first_batch)),
-                                train_rng).compile()
+  compiled = train_step.lower(state, backend.put_batch(device_batch(first_batch)),
+                              train_rng).compile()
   logging.info("Train step compiled in %.1fs; %s", time.perf_counter() - t_compile,
-               format_memory(memory_analysis(train_step)))
+               format_memory(memory_analysis(compiled)))
+  if backend.name == "pjit":
+    train_step = compiled
   evaluators = compile_evaluators(task.evaluators(), backend)
   stopper = EarlyStopping(config.early_stopping, workdir) if config.early_stopping.metric else None
   best_ckpt = checkpoint.Checkpointer(workdir, keep=1, name="best") if stopper else None

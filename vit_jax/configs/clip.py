@@ -71,7 +71,7 @@ def _dataset(c: ml_collections.ConfigDict, dataset: str, image_size: int) -> Non
     c.batch, c.batch_eval = 256, 1000
     c.total_steps, c.warmup_steps = 1000, 100
     c.base_lr, c.weight_decay = 1e-3, 0.1
-    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 100, 500, 500
+    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 100, 250, 500
   elif dataset == "tuxpaint":
     c.dataset, c.data_source, c.data_dir = "tuxpaint", "caption_folder", TUXPAINT_DIR
     c.skip_corrupt = True  # 17 mirrored stamps have no caption file: skipped and counted
@@ -82,9 +82,9 @@ def _dataset(c: ml_collections.ConfigDict, dataset: str, image_size: int) -> Non
     c.context_length = c.model.text.context_length = 32  # one-line captions
     c.cache_train, c.shuffle_buffer = False, 1000
     c.batch, c.batch_eval = 64, 80
-    c.total_steps, c.warmup_steps = 1000, 100
+    c.total_steps, c.warmup_steps = 400, 40  # ~36 epochs of 706 images: it overfits past this
     c.base_lr, c.weight_decay = 5e-4, 0.1
-    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 100, 250, 500
+    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 100, 200, 200
   else:  # captions: the user's own jsonl listings
     c.dataset, c.data_source = "captions", "caption_jsonl"
     c.train_split, c.eval_split = "train", "val"
