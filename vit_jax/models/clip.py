@@ -46,7 +46,7 @@ class CLIP(nn.Module):
     logit_scale_init: initial LOG scale (CLIP: log(1/0.07); SigLIP: log(10)).
     logit_bias_init: None (CLIP: no bias) or the initial `logit_bias` (SigLIP: -10).
     max_logit_scale: the multiplier is clamped at this (CLIP: 100); None: no clamp.
-    remat, dtype, param_dtype: passed to both towers.
+    remat, remat_policy, dtype, param_dtype: passed to both towers.
   """
   image: Any
   text: Any
@@ -55,12 +55,14 @@ class CLIP(nn.Module):
   logit_bias_init: Optional[float] = None
   max_logit_scale: Optional[float] = 100.0
   remat: bool = False
+  remat_policy: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   model_name: Optional[str] = None
 
   def setup(self):
-    common = dict(remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+    common = dict(remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
     self.img = vit.VisionTransformer(num_classes=self.embed_dim, **{**dict(self.image), **common})
     self.txt = text_model.TextTransformer(embed_dim=self.embed_dim,
                                           **{**dict(self.text), **common})

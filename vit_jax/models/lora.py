@@ -30,6 +30,7 @@ import numpy as np
 
 PyTree = Any
 LORA_KEY = "lora"
+DEFAULT_ALPHA = 16.0  # config.lora.alpha's default (configs/common.py); pass the run's own
 # Attention projections keep DenseGeneral layouts (models/vit.py `_Projection.in_axes`): q/k/v
 # [width, heads, head_dim] have one input axis, `out` [heads, head_dim, width] two.
 _QKV = ("query", "key", "value")
@@ -149,7 +150,7 @@ def add_lora(params, *, rank: int, targets: str, rng: jax.Array,
   return flax.core.freeze(out) if isinstance(params, flax.core.FrozenDict) else out
 
 
-def merge_lora(params, alpha: float) -> PyTree:
+def merge_lora(params, alpha: float = DEFAULT_ALPHA) -> PyTree:
   """The base tree, each adapted kernel W replaced by W + (alpha / rank) (A @ B).reshape(W.shape).
 
   Pure and traceable (call it inside the jitted loss); gradients reach A and B through it. The

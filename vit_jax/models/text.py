@@ -39,6 +39,7 @@ class TextTransformer(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   remat: bool = False
+  remat_policy: Optional[str] = None  # a jax.checkpoint_policies name (vit.checkpoint_policy)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -59,7 +60,8 @@ class TextTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, approximate_gelu=self.approximate_gelu,
         mlp_activation=self.mlp_activation, layernorm_epsilon=self.layernorm_epsilon,
-        posemb_length=self.context_length, is_causal=True, remat=self.remat, dtype=self.dtype,
+        posemb_length=self.context_length, is_causal=True, remat=self.remat,
+        remat_policy=self.remat_policy, dtype=self.dtype,
         param_dtype=self.param_dtype, name="Transformer")(x, train=train)
     eot = jnp.argmax(tokens, axis=-1)  # the first maximum, as torch's argmax
     pooled = x[jnp.arange(x.shape[0]), eot]  # [batch, width]

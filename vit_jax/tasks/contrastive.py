@@ -48,7 +48,7 @@ class ContrastiveTask:
                        f"the tokenizer pads to config.context_length={config.context_length}: "
                        "make them equal.")
     self.model = clip.CLIP(
-        remat=config.remat, dtype=jnp.dtype(config.dtype),
+        remat=config.remat, remat_policy=config.remat_policy, dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype), **model_configs.clip_kwargs(config.model))
     self.axis_name = parallel.AXIS if config.parallelism == "pmap" else None
     self._tokenizer = None
