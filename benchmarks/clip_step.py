@@ -20,7 +20,6 @@ speed as a ratio of each.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -99,9 +98,7 @@ def run_peer(args, config) -> list:
     cmd += ["--device", args.peer_device]
   if args.peer_threads:
     cmd += ["--threads", str(args.peer_threads)]
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-  rows = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
-          if l.startswith("RESULT ")]
+  rows = bench.peer_rows(cmd)
   for r in rows:
     print(f"{r['impl']}: params={r['params']:,} (torch {r['torch']}, open_clip "
           f"{r['open_clip']}, {r['device']}, {r['threads']} threads)\n  "

@@ -16,7 +16,8 @@ import contextlib
 import json
 import math
 import os
-import time
+
+import peer_timing  # benchmarks/, on sys.path as the script's own folder
 
 # open_clip's names for our presets: all quick_gelu, as OpenAI's (and our) CLIP.
 OPEN_CLIP_NAMES = {"b32": "ViT-B-32-quickgelu", "b16": "ViT-B-16-quickgelu",
@@ -112,17 +113,7 @@ def main():
       return loss
 
     fn = torch.compile(step) if mode == "compile" else step
-    t0 = time.perf_counter()
-    fn(images, tokens)  # warm-up (compiles under torch.compile)
-    sync()
-    warmup = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        fn(images, tokens)
-      sync()
-      best = min(best, (time.perf_counter() - t0) / args.steps)
+    best, warmup = peer_timing.time_step(fn, (images, tokens), args.steps, args.repeats, sync)
     row = dict(impl=f"open_clip {mode} {name}", params=n_params, images_per_s=args.batch / best,
                step_ms=best * 1e3, warmup_s=warmup, torch=torch.__version__,
                open_clip=open_clip.__version__, device=str(device),

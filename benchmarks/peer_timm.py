@@ -10,7 +10,8 @@ one `RESULT {json}` line per mode.
 import argparse
 import json
 import os
-import time
+
+import peer_timing  # benchmarks/, on sys.path as the script's own folder
 
 # timm's names for our presets.
 TIMM_NAMES = {"ti16": "vit_tiny_patch16_224", "s16": "vit_small_patch16_224",
@@ -58,15 +59,7 @@ def main():
       return loss
 
     fn = torch.compile(step) if mode == "compile" else step
-    t0 = time.perf_counter()
-    fn(images, labels)  # warm-up (compiles under torch.compile)
-    warmup = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        fn(images, labels)
-      best = min(best, (time.perf_counter() - t0) / args.steps)
+    best, warmup = peer_timing.time_step(fn, (images, labels), args.steps, args.repeats)
     row = dict(impl=f"timm {mode} {TIMM_NAMES[args.model]}", params=n_params,
                images_per_s=args.batch / best, step_ms=best * 1e3, warmup_s=warmup,
                torch=torch.__version__, timm=timm.__version__, threads=torch.get_num_threads())

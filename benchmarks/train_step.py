@@ -203,15 +203,20 @@ def run_memory(args) -> None:
           f"{mib(2 * params + opt + acts):>10}{mib(mem.get('peak', 0)):>14}", flush=True)
 
 
+def peer_rows(cmd) -> list:
+  """Runs a peer script in its own interpreter; returns its `RESULT {json}` rows."""
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+  return [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
+          if l.startswith("RESULT ")]
+
+
 def run_peer(args) -> list:
   """timm's step in `--torch-python` (benchmarks/peer_timm.py), eager and torch.compile."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"peer_{args.peer}.py")
   cmd = [args.torch_python, script, "--model", args.model, "--batch", str(args.batch),
          "--image-size", str(args.image_size), "--num-classes", str(args.num_classes),
          "--steps", str(args.steps), "--repeats", str(args.repeats), "--modes", args.peer_modes]
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-  rows = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
-          if l.startswith("RESULT ")]
+  rows = peer_rows(cmd)
   for r in rows:
     print(f"{r['impl']}: params={r['params']:,} (torch {r['torch']}, timm {r['timm']}, "
           f"{r['threads']} threads)\n  step_time={r['step_ms']:.1f} ms  "

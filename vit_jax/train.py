@@ -12,7 +12,7 @@ import json
 import logging as std_logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from absl import logging
 import flax
