@@ -30,9 +30,8 @@ def main():
     size = config.model.image_size
     batch = {"image": np.zeros((1, size, size, 3), np.float32)}
     task = train.get_task(config)
-    state, _, _ = jax.eval_shape(
-        lambda rng: train.create_train_state(config, task, rng, batch)[:1] + (None, None),
-        jax.random.PRNGKey(0))
+    state = jax.eval_shape(lambda rng: train.create_train_state(config, task, rng, batch)[0],
+                           jax.random.PRNGKey(0))
     groups = optim.assign_groups(optim.parse_param_groups(config), state.params)
     sizes = dict(zip(optim.param_paths(state.params),
                      (int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))))

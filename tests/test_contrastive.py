@@ -11,6 +11,7 @@ from vit_jax import input_pipeline
 from vit_jax import parallel
 from vit_jax import train
 from vit_jax.configs import clip as clip_config
+from vit_jax.input_pipeline import ops
 from vit_jax.input_pipeline import tokenizer
 
 
@@ -63,7 +64,7 @@ def test_trains_and_zeroshot_matches_numpy(tmp_path, parallelism):
   ckpt_state = train.checkpoint.Checkpointer(str(tmp_path / "w"), keep=1)
   params = ckpt_state.restore(ckpt_state.latest_step(), state).params
   tok = tokenizer.get_tokenizer(None, 16)
-  names = clip_config_names()
+  names = ops.CLASSNAMES["fashion_mnist"]
   templates = config.zeroshot.templates
   txt = np.asarray(jax.jit(task.encode_text)(params, tok.encode([t.format(n) for n in names
                                                        for t in templates])))
@@ -81,11 +82,6 @@ def test_trains_and_zeroshot_matches_numpy(tmp_path, parallelism):
   assert result["zeroshot/top1"] == pytest.approx(np.mean(rank < 1), abs=1e-6)
   assert result["zeroshot/top5"] == pytest.approx(np.mean(rank < 5), abs=1e-6)
   ckpt_state.close()
-
-
-def clip_config_names():
-  from vit_jax.input_pipeline import ops  # pylint: disable=g-import-not-at-top
-  return ops.CLASSNAMES["fashion_mnist"]
 
 
 @pytest.mark.parametrize("parallelism", ["pjit", "pmap"])
