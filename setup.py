@@ -24,6 +24,8 @@ setup(
         "absl-py",
         "tokenizers>=0.23.3",  # CLIP BPE (input_pipeline/tokenizer.py)
         "ftfy>=6.3.1",  # CLIP text clean-up, as OpenAI; pure Python
+        "pycocotools>=2.0.8",  # COCO mAP (evaluation/detection.py)
+        "pillow",  # detection annotation checks and PNG visualisations
     ],
     extras_require={
         # Parity tests against the PyTorch references. torch is pinned: this version's CPU wheel is
@@ -36,7 +38,9 @@ setup(
             "safetensors>=0.8.0",
             "pillow",
             "instant-clip-tokenizer==0.1.1",  # independent CLIP token ids
+            "scikit-image",  # bundled photos: the OWL-ViT demo set's backgrounds
         ],
         "torch": ["torch==2.13.0", "transformers==5.23.0"],
+        "demo": ["scikit-image"],  # the OWL-ViT demo set (vit_jax/demos/tuxpaint_detection.py)
     },
 )

@@ -233,3 +233,23 @@ def test_module_import_pulls_no_tensorflow_or_torch():
           "print(sorted({'tensorflow', 'torch', 'open_clip'} & set(sys.modules)))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_add_tokens_domain_vocabulary():
+  base = tokenizer_lib.get_tokenizer(context_length=16)
+  tok = tokenizer_lib.get_tokenizer(context_length=16)
+  texts = ["a photo of a photovoltaic inverter.", "photovoltaics", "a cat"]
+  before = base.encode(texts)
+  ids = tok.add_tokens(["Photovoltaic", "xq7mosfet"])
+  assert ids == [49408, 49409] and tok.vocab_size == 49410
+  assert tok.add_tokens(["photovoltaic"]) == [49408]  # already added: same id
+  after = tok.encode(texts)
+  # The new word is one token; whole words only ("photovoltaics" keeps its BPE ids); the rest of
+  # every text keeps its ids.
+  assert list(after[0][:7]) == [49406, 320, 1125, 539, 320, 49408, 12061]
+  np.testing.assert_array_equal(after[1:], before[1:])
+  assert after[0][np.argmax(after[0] == tok.eot_id)] == tok.eot_id
+  with pytest.raises(ValueError, match="already one token"):
+    tok.add_tokens(["cat"])
+  with pytest.raises(ValueError, match="not one word"):
+    tok.add_tokens(["two words"])

@@ -20,9 +20,12 @@ class Evaluator:
   prepare(params) -> aux: once per evaluation, before the batches, from one logical copy of the
     params (e.g. zero-shot class embeddings); the compiled step receives it as an argument, so
     one compilation serves every evaluation. None: aux is None.
+  write(outputs, step, workdir): optional, on the host after finalize, on process 0 only: files
+    that a number cannot hold (detection PNGs, per-class CSV reports), under `workdir`.
   A task may also give a plain `(eval_fn(params, batch) -> sums, finalize)` pair (accuracy).
   """
   step: Callable
   finalize: Callable
   prepare: Optional[Callable] = None
   reduce: str = "sum"
+  write: Optional[Callable] = None

@@ -56,10 +56,29 @@ def _get_source(config, split: str) -> sources.Source:
   return source
 
 
+def _detection():
+  """detection.py, imported on first use, which registers its ops before a pp string is parsed.
+  (Not at the top: `python -m vit_jax.input_pipeline.detection` imports this package first, and
+  runpy warns when the module it runs is already imported.)"""
+  from vit_jax.input_pipeline import detection  # pylint: disable=g-import-not-at-top
+  return detection
+
+
 def _op_defaults(config) -> dict:
   """Op arguments that come from the config unless the pp string gives them: the text tokenizer
-  is the one the model and the zero-shot prompts use."""
-  return {"tokenize": {"context_length": config.context_length, "path": config.tokenizer_path}}
+  is the one the model and the zero-shot prompts use; for COCO data, the detection ops' sizes and
+  the number of classes (config.detection, the train json)."""
+  defaults = {"tokenize": {"context_length": config.context_length, "path": config.tokenizer_path}}
+  if config.data_source == "coco":
+    defaults.update(_detection().op_defaults(config))
+  return defaults
+
+
+def _parse_ops(pp: str, config) -> list:
+  """The ops of a pp string, with every registered op (detection's too) and the config's
+  defaults."""
+  _detection()
+  return ops_lib.parse(pp, _op_defaults(config))
 
 
 def _check_output(ds: tf.data.Dataset, config, pp: str, which: str):
@@ -73,14 +92,45 @@ def _check_output(ds: tf.data.Dataset, config, pp: str, which: str):
   if "labels" not in spec and "label" in spec and "tokens" not in spec:
     raise ValueError(f"pp.{which} {pp!r} gives no 'labels': end it with "
                      f"onehot({config.num_classes}).")
+  if "boxes" in spec or config.data_source == "coco":
+    _check_detection_output(spec, config, pp, which)
 
 
-def _finalize(data: dict, with_ids: bool) -> dict:
-  """Drops the pipeline's internal keys (file paths are strings, which jax cannot take), and the
-  integer 'label' once onehot made 'labels' of it (int64, which jax would truncate with a warning);
-  a 'label' kept beside captions (for zero-shot metrics) becomes int32."""
+def _check_detection_output(spec, config, pp: str, which: str):
+  """Detection batches: fixed shapes (pad_to_square, pad_boxes) and the task's keys."""
+  needed = ["image", "boxes", "box_classes"] + (
+      ["query_classes"] if which == "train" else ["image_id", "orig_size"])
+  missing = [k for k in needed if k not in spec]
+  if missing:
+    hint = {"query_classes": "det_queries", "boxes": "keep it", "box_classes": "keep it"}
+    raise ValueError(f"pp.{which} {pp!r} gives no {missing}; a detection {which} batch needs "
+                     f"{needed}" + "".join(f" ({k}: {hint[k]})" for k in missing if k in hint)
+                     + ".")
+  if not spec["image"].shape[1:].is_fully_defined():
+    raise ValueError(f"pp.{which} {pp!r} gives images of shape {spec['image'].shape}: use "
+                     "pad_to_square(size) for a fixed size.")
+  boxes, classes = spec["boxes"].shape, spec["box_classes"].shape
+  if boxes.rank != 3 or boxes[1] is None or classes[1:] != boxes[1:2]:
+    raise ValueError(f"pp.{which} {pp!r} gives boxes {boxes} and box_classes {classes}; expected "
+                     "[b, max_boxes, 4] and [b, max_boxes]: end the box ops with pad_boxes.")
+  expected = {"boxes": (boxes[1], "max_boxes")}
+  if "query_classes" in spec:
+    expected["query_classes"] = (spec["query_classes"].shape[-1], "max_queries")
+  for key, (found, name) in expected.items():
+    default = _detection().CONFIG_DEFAULTS[name]
+    want = default if config.get("detection") is None else config.detection.get(name, default)
+    if found != want:
+      raise ValueError(f"pp.{which} {pp!r} gives {key} with {found} rows, "
+                       f"config.detection.{name}={want}.")
+
+
+def _finalize(data: dict, with_ids: bool, drop=()) -> dict:
+  """Drops the pipeline's internal keys (file paths are strings, which jax cannot take), the keys
+  in `drop` (a source's eval-only keys, in training), and the integer 'label' once onehot made
+  'labels' of it (int64, which jax would truncate with a warning); a 'label' kept beside captions
+  (for zero-shot metrics) becomes int32."""
   out = {k: v for k, v in data.items()
-         if (not k.startswith("_") or (with_ids and k == "_id"))
+         if (not k.startswith("_") or (with_ids and k == "_id")) and k not in drop
          and not (k == "label" and "labels" in data)}
   if "label" in out:
     out["label"] = tf.cast(out["label"], tf.int32)
@@ -88,7 +138,7 @@ def _finalize(data: dict, with_ids: bool) -> dict:
 
 
 def _preprocess(ds, source, ops, seed_base, batch_size, *, loaded, drop_remainder, with_ids,
-                captions_fn):
+                captions_fn, drop=()):
   """(position, record) pairs -> batches: load, per-example ops, captions, batch, batched ops.
 
   Ops at the end of the pp string that are elementwise run once per batch (vectorised); if every op
@@ -116,7 +166,7 @@ def _preprocess(ds, source, ops, seed_base, batch_size, *, loaded, drop_remainde
   def batch_fn(data):
     if vectorised:
       data = source.load(data)
-    return _finalize(ops_lib.apply(batched, data, None), with_ids)
+    return _finalize(ops_lib.apply(batched, data, None), with_ids, drop)
   return ds.map(batch_fn, num_parallel_calls=AUTOTUNE)
 
 
@@ -142,7 +192,7 @@ def _train_dataset(config, process_index, process_count, start_step, with_ids):
     raise ValueError(f"{source.description}: {source.num_examples} examples cannot be shared by "
                      f"{process_count} processes (process {process_index} gets none).")
   pp, mixup_alpha = augreg.resolve(config)
-  ops = ops_lib.parse(pp, _op_defaults(config))
+  ops = _parse_ops(pp, config)
   ds = source.records(start, stop)
   loaded = bool(config.cache_train)
   if loaded:
@@ -165,7 +215,7 @@ def _train_dataset(config, process_index, process_count, start_step, with_ids):
   ds = ds.skip(first % size).enumerate(first)
   ds = _preprocess(ds, source, ops, _seed_base(config.seed, 2 * process_index), batch,
                    loaded=loaded, drop_remainder=True, with_ids=with_ids,
-                   captions_fn=captions_lib.sample_caption)
+                   captions_fn=captions_lib.sample_caption, drop=source.eval_keys)
   mix = batch_ops.get_batch_op(mixup_alpha, config.cutmix_alpha,
                                config.mix_switch_prob)
   if mix is not None:
@@ -306,7 +356,7 @@ def make_eval_data(config, split: str | None = None, process_index: int = 0,
                      f"{source.num_captions.max()} (every caption of an eval image is used).")
   start, stop = sources.process_range(source.num_examples, process_index, process_count)
   num_batches = math.ceil(math.ceil(source.num_examples / process_count) / batch)
-  ops = ops_lib.parse(config.pp.test, _op_defaults(config))
+  ops = _parse_ops(config.pp.test, config)
   # Eval has no shuffle; random ops (unusual in pp.test) are seeded by the split position, so the
   # result does not depend on the number of processes.
   ds = source.records(start, stop).enumerate(start)

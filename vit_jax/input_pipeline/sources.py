@@ -5,7 +5,8 @@ fixed order of `num_examples` positions. `records(start, stop)` gives positions 
 order as cheap records (an index, a path, a raw tfds example), so that shuffling and resume-skipping
 touch no pixels; `load(record)` then gives {'image': uint8 [h, w, c] or encoded bytes, 'label': int64}
 or, for caption sources, {'image', 'texts': string [k]} (an image's k >= 1 captions; see captions.py
-for the caption files and folders, and for how the pipeline picks or pads them).
+for the caption files and folders, and for how the pipeline picks or pads them), or, for COCO
+detection jsons, {'image', 'boxes', 'box_classes', 'image_id', 'orig_size'} (see detection.py).
 """
 import csv
 import dataclasses
@@ -48,7 +49,9 @@ class Source:
     captions: examples have 'texts' string [k] instead of 'label'.
     num_captions: int [num_examples], captions per example, where known before reading (files).
     left_out: {why: how many} of what the source did not make examples of (skipped images and
-      captions, caption files without an image), as logged.
+      captions, caption files without an image, dropped boxes), as logged.
+    eval_keys: keys of `load`'s examples that eval batches keep and training batches drop (COCO:
+      'image_id', 'orig_size', which map predictions back to the file).
   """
   description: str
   num_examples: int
@@ -61,6 +64,7 @@ class Source:
   captions: bool = False
   num_captions: np.ndarray | None = None
   left_out: dict[str, int] = dataclasses.field(default_factory=dict)
+  eval_keys: tuple[str, ...] = ()
 
 
 def resolve_split(split: str, sizes: dict[str, int], where: str) -> list[tuple[str, int, int]]:
@@ -88,7 +92,7 @@ def process_range(num_examples: int, process_index: int, process_count: int) -> 
 
 
 SOURCE_KINDS = ("tfds", "idx", "folder", "csv", "jsonl", "caption_folder", "caption_csv",
-                "caption_jsonl")
+                "caption_jsonl", "coco")
 
 
 def get_source(config, split: str) -> Source:
@@ -108,6 +112,9 @@ def get_source(config, split: str) -> Source:
     if kind == "caption_folder":
       return captions.caption_folder_source(config, split)
     return captions.caption_listing_source(config, split)
+  if kind == "coco":  # detection data (detection.py), imported here as captions is
+    from vit_jax.input_pipeline import detection  # pylint: disable=g-import-not-at-top
+    return detection.coco_source(config, split)
   raise ValueError(f"config.data_source={kind!r}: expected one of {', '.join(SOURCE_KINDS)}.")
 
 

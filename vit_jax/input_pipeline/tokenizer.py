@@ -121,6 +121,33 @@ class Tokenizer:
     return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
             f"context_length={self.context_length}, pad_id={self.pad_id})")
 
+  def add_tokens(self, words: Sequence[str]) -> list[int]:
+    """Adds whole words to the vocabulary (domain vocabulary); returns their ids.
+
+    New ids start at the current `vocab_size` (49408 for CLIP), ABOVE the EOT id, so a text model
+    using them must pool at the first EOT id rather than at the argmax id (models/text.py's
+    `eot_token_id`), and hold their embeddings beyond its vocabulary (`extra_tokens`). A word is
+    matched as a whole word, case-insensitively (the text is lower-cased first). Words already
+    added keep their ids; a word that is one token of the BPE vocab already is an error (it needs
+    no new embedding).
+    """
+    ids = []
+    for word in words:
+      w = clean_text(word)
+      if not w or " " in w:
+        raise ValueError(f"add_tokens: {word!r} is not one word.")
+      existing = self.backend.token_to_id(w)
+      if existing is not None and existing >= self.eot_id + 1:
+        ids.append(existing)
+        continue
+      if len(self.tokenize(w)) == 1:
+        raise ValueError(f"add_tokens: {word!r} is already one token of the vocabulary "
+                         f"(id {self.tokenize(w)[0]}); it needs no new embedding.")
+      self.backend.add_tokens([tokenizers.AddedToken(w, single_word=True, normalized=True)])
+      ids.append(self.backend.token_to_id(w))
+    self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+    return ids
+
   def tokenize(self, text: str) -> list[int]:
     """Token ids of one text, without SOT/EOT and untruncated."""
     return self.backend.encode(clean_text(text), add_special_tokens=False).ids
