@@ -12,7 +12,7 @@ import json
 import logging as std_logging
 import os
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import flax
@@ -44,8 +44,11 @@ def get_task(config):
   if config.task == "contrastive":
     from vit_jax.tasks import contrastive
     return contrastive.ContrastiveTask(config)
+  if config.task == "detection":
+    from vit_jax.tasks import detection
+    return detection.DetectionTask(config)
   raise ValueError(f"config.task={config.task!r}: expected one of ['classification', "
-                   "'contrastive'].")
+                   "'contrastive', 'detection'].")
 
 
 def _split_microbatches(batch: PyTree, accum_steps: int) -> PyTree:
@@ -243,8 +246,12 @@ def compile_evaluators(task_evaluators, backend) -> Dict[str, Tuple[Any, Callabl
   return out
 
 
-def evaluate(evaluators, params, eval_data, backend) -> Dict[str, float]:
-  """Runs every evaluator over one full pass of `eval_data`; returns `{name/metric: value}`."""
+def evaluate(evaluators, params, eval_data, backend, *, step: Optional[int] = None,
+             workdir: Optional[str] = None) -> Dict[str, float]:
+  """Runs every evaluator over one full pass of `eval_data`; returns `{name/metric: value}`.
+
+  With `workdir`, evaluators that write files (`Evaluator.write`) do so on process 0.
+  """
   results = {}
   for name, (ev, step_fn) in evaluators.items():
     aux = None
@@ -264,6 +271,8 @@ def evaluate(evaluators, params, eval_data, backend) -> Dict[str, float]:
     else:
       outputs = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
     metrics = ev.finalize(outputs)
+    if ev.write is not None and workdir is not None and jax.process_index() == 0:
+      ev.write(outputs, step, workdir)
     if "num_examples" in metrics and int(metrics["num_examples"]) != eval_data.num_examples:
       raise RuntimeError(f"Evaluator {name!r} counted {int(metrics['num_examples'])} examples; "
                          f"the split has {eval_data.num_examples}.")
@@ -357,7 +366,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
     should_stop = False
     if is_eval:
       t_eval = time.perf_counter()
-      last_eval = evaluate(evaluators, state.params, eval_data, backend)
+      last_eval = evaluate(evaluators, state.params, eval_data, backend, step=step,
+                           workdir=workdir)
       writer.write_scalars(step, last_eval)
       logging.info("eval step %d: %s (%.1fs)", step, _format_eval(last_eval),
                    time.perf_counter() - t_eval)

@@ -49,12 +49,14 @@ def test_build_writes_a_valid_coco_set_with_disjoint_stamps(tmp_path, monkeypatc
   categories = {"disc": "shapes/discs", "block": "shapes/blocks"}
   paths = demo.build(str(tmp_path / "out"), stamps_dir=str(stamps), num_train=6, num_val=3,
                      categories=categories)
-  train, val = (json.load(open(paths[s])) for s in ("train", "val"))
+  train, val, novel = (json.load(open(paths[s])) for s in ("train", "val", "val_novel"))
   assert [c["name"] for c in train["categories"]] == ["disc", "block"]
-  assert len(train["images"]) == 6 and len(val["images"]) == 3
-  ids = [im["id"] for im in train["images"] + val["images"]]
+  assert len(train["images"]) == 6 and len(val["images"]) == 3 and len(novel["images"]) == 3
+  ids = [im["id"] for im in train["images"] + val["images"] + novel["images"]]
   assert len(set(ids)) == len(ids)
-  for coco in (train, val):
+  files = [im["file_name"] for im in train["images"] + val["images"] + novel["images"]]
+  assert len(set(files)) == len(files)
+  for coco in (train, val, novel):
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     for im in coco["images"]:
       with Image.open(tmp_path / "out" / im["file_name"]) as f:

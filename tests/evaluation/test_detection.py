@@ -173,8 +173,9 @@ def test_top_k_detections_brute_force():
                           jax.ShapeDtypeStruct((2, 576, 4), jnp.float32))
   assert {k: v.shape for k, v in shapes.items()} == {"scores": (2, 100), "classes": (2, 100),
                                                      "boxes": (2, 100, 4)}
-  with pytest.raises(ValueError, match="k=36"):
-    detection.top_k_detections(logits, boxes, 36)
+  assert detection.top_k_detections(logits, boxes, 36)["scores"].shape == (3, 35)  # capped
+  with pytest.raises(ValueError, match="k=0"):
+    detection.top_k_detections(logits, boxes, 0)
 
 
 # --- NMS ---------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ Our tree: `img/...` (VisionTransformer names: `embedding`, `cls`,
 `.npz` stores those '/'-joined names and, under `__vit_jax__/{img,txt}/`, each tower's activation
 and LayerNorm epsilon (npz.py).
 """
-import json
-import os
 import re
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -659,14 +657,8 @@ def hf_clip_config(params: Mapping, model_config) -> dict:
 def export_hf_clip(params: Mapping, model_config, out_dir: str) -> str:
   """Writes an HF `CLIPModel` directory (`config.json` + `model.safetensors`) that
   `transformers.CLIPModel.from_pretrained(out_dir)` loads; no torch needed to write it."""
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  sd = hf_clip_state_dict(params, model_config)
-  config = hf_clip_config(params, model_config)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  safetensors.numpy.save_file(sd, os.path.join(out_dir, "model.safetensors"),
-                              metadata={"format": "pt"})
+  torch_formats.write_hf_dir(hf_clip_state_dict(params, model_config),
+                            hf_clip_config(params, model_config), out_dir)
   return out_dir
 
 

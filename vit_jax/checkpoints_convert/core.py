@@ -107,6 +107,11 @@ def translate(state: State, *, num_heads: Optional[int] = None) -> common.Checkp
     raise common.CheckpointError(
         f"{path}: a CLIP checkpoint ({clip.describe_format(keys, path)}), not a ViT: load it "
         "with checkpoints_convert.load_model(path) (or checkpoints_convert.clip.read).")
+  from vit_jax.checkpoints_convert import owl_vit  # pylint: disable=g-import-not-at-top
+  if owl_vit.is_owl_vit(keys):
+    raise common.CheckpointError(
+        f"{path}: an OWL-ViT detector ({owl_vit.HF_FORMAT}), not a ViT: load it with "
+        "checkpoints_convert.load_model(path).")
   if npz.is_npz_tree(keys):
     ckpt = npz.translate(arrays, subtree=subtree, path=path)
   elif torch_formats.is_hf(keys):
@@ -331,23 +336,28 @@ def load_model(path: str, *, model_config=None, image_size: Optional[ImageSize] 
                num_heads: Optional[int] = None, vision_heads: Optional[int] = None,
                text_heads: Optional[int] = None, hidden_act: Optional[str] = None,
                dtype="float32", param_dtype="float32", remat: bool = False, **overrides):
-  """Builds the flax module a checkpoint holds, ViT or CLIP (told from its keys), and its params.
+  """Builds the flax module a checkpoint holds, ViT, CLIP or OWL-ViT (told from its keys), and
+  its params.
 
     model, params = load_model("openai-clip-vit-base-patch32/")   # HF CLIPModel directory
     model, params = load_model("ViT-B-32.pt")                     # OpenAI's TorchScript file
     model, params = load_model("open_clip_pytorch_model.bin", hidden_act="gelu")  # LAION
+    model, params = load_model("owlvit-base-patch32/")     # HF OWL-ViT / OWLv2 detector
+    model, params = load_model("checkpoint_140000")        # scenic OWL-ViT (flax msgpack)
     out = model.apply({"params": params}, images, tokens)
 
   Args:
     path: any file `read` takes, an HF `CLIPModel` directory or file, a CLIP `.npz` written by
       this package, an OpenAI CLIP `.pt` (TorchScript; read without running any of it) or an
-      open_clip state dict (`.pt`/`.bin` training checkpoint or `.safetensors`).
+      open_clip state dict (`.pt`/`.bin` training checkpoint or `.safetensors`); an HF
+      `OwlViTForObjectDetection` / `Owlv2ForObjectDetection` directory or file, or a scenic
+      OWL-ViT msgpack checkpoint (-> models.owl_vit.OwlViT).
     model_config: the model config to build; None: inferred from the checkpoint.
     image_size: int or (height, width) to run at; position embeddings are resampled to it with
       `resize_method` (posemb.METHODS). Default: the checkpoint's own.
-    context_length: CLIP only: text tokens per sequence; a shorter one keeps the first position
-      embeddings (`text_resize_method="truncate"`, as OWL-ViT does with 16) or resamples them
-      (a posemb.METHODS name, e.g. "bilinear").
+    context_length: CLIP and OWL-ViT: text tokens per sequence; a shorter one keeps the first
+      position embeddings (`text_resize_method="truncate"`, as OWL-ViT does with 16) or
+      resamples them (a posemb.METHODS name, e.g. "bilinear").
     num_classes: ViT only: as `load` (-1 keeps the checkpoint's head).
     num_heads: ViT only: attention heads, for files that do not record them.
     vision_heads, text_heads: CLIP only: attention heads, for files that do not record them
@@ -366,8 +376,25 @@ def load_model(path: str, *, model_config=None, image_size: Optional[ImageSize] 
   from vit_jax.checkpoints_convert import clip  # pylint: disable=g-import-not-at-top
   from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints_convert import owl_vit  # pylint: disable=g-import-not-at-top
   module_kwargs = dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat)
+  owl_kwargs = dict(model_config=model_config, image_size=image_size,
+                    context_length=context_length, resize_method=resize_method,
+                    text_resize_method=text_resize_method, module_kwargs=module_kwargs,
+                    overrides=overrides)
+  vit_only = [n for n, v in (("num_classes", num_classes != -1), ("num_heads", num_heads),
+                             ("vision_heads", vision_heads), ("text_heads", text_heads),
+                             ("hidden_act", hidden_act)) if v]
+  if owl_vit.is_scenic_msgpack(_split_subtree(os.fspath(path))[0]):
+    if vit_only:
+      raise TypeError(f"{path} is an OWL-ViT checkpoint: {', '.join(vit_only)} do not apply.")
+    return owl_vit.load(os.fspath(path), **owl_kwargs)
   state = read_state(path)
+  if owl_vit.is_owl_vit(list(state.arrays)):
+    if vit_only:
+      raise TypeError(f"{state.path} is an OWL-ViT checkpoint: {', '.join(vit_only)} do not "
+                      "apply (heads and activation come from config.json).")
+    return owl_vit.load(state.path, state=state, **owl_kwargs)
   if clip.is_clip(list(state.arrays)):
     if num_classes != -1 or num_heads is not None:
       raise TypeError(f"{state.path} is a CLIP checkpoint: num_classes and num_heads are ViT "

@@ -354,7 +354,6 @@ def export_hf(params: Mapping, model_config, out_dir: str, *, image_size=None,
   `image_size` (int or (h, w)) defaults to the square grid the position embeddings imply.
   HF's ViT has a class token, no pre_logits and no MAP head, so only such models export.
   """
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints_convert import posemb  # pylint: disable=g-import-not-at-top
   c = model_config
   flat = common.flatten(params)
@@ -396,9 +395,16 @@ def export_hf(params: Mapping, model_config, out_dir: str, *, image_size=None,
       "label2id": {v: int(k) for k, v in labels.items()},
       "dtype": "float32",
   }
+  return write_hf_dir(hf_state_dict(params, c), config, out_dir)
+
+
+def write_hf_dir(state_dict: Mapping[str, np.ndarray], config: dict, out_dir: str) -> str:
+  """`out_dir/config.json` + `out_dir/model.safetensors` (torch layouts, numpy values): what
+  `transformers.*.from_pretrained(out_dir)` reads; no torch needed to write it."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
-  safetensors.numpy.save_file(hf_state_dict(params, c), os.path.join(out_dir, "model.safetensors"),
+  safetensors.numpy.save_file(dict(state_dict), os.path.join(out_dir, "model.safetensors"),
                               metadata={"format": "pt"})
   return out_dir

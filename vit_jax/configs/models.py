@@ -4,7 +4,8 @@ presets for a CPU demo and for tests.
 `get_model_config` returns the `config.model` ConfigDict that
 `VisionTransformer(**model_kwargs(config.model))` takes, with upstream's field names
 (`patches.size`, `hidden_size`, `transformer.*`, `classifier`, `representation_size`).
-`get_clip_config` returns the one `CLIP(**clip_kwargs(config.model))` takes (models/clip.py).
+`get_clip_config` returns the one `CLIP(**clip_kwargs(config.model))` takes (models/clip.py);
+`get_owl_vit_config` the one `OwlViT(**owl_vit_kwargs(config.model))` takes (models/owl_vit.py).
 """
 import math
 
@@ -163,4 +164,64 @@ def clip_kwargs(model_config) -> dict:
   kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
   kwargs["model_name"] = kwargs.pop("name", None)
   kwargs.pop("image_size", None)
+  return kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# OWL-ViT presets (models/owl_vit.py): CLIP's towers at detection resolution, text context 16.
+
+# name: (CLIP preset, image_size, objectness). Sizes: scenic's configs (v1 B: 768, L/14: 840;
+# v2 B/16: 960, L/14: 1008).
+_OWL = {
+    "b32": ("b32", 768, False),
+    "b16": ("b16", 768, False),
+    "l14": ("l14", 840, False),
+    "v2_b16": ("b16", 960, True),
+    "v2_l14": ("l14", 1008, True),
+    # CPU demo: CLIP-mu towers (width 128, 4 layers), patch 16 at 160 px = a 10x10 grid, 100 boxes.
+    "mu": ("mu16", 160, False),
+    "nano": ("nano", 16, False),  # tests: width 32, 2 layers, patch 4: a 4x4 grid
+}
+OWL_VIT_MODEL_NAMES = tuple(f"OWL-ViT-{n}" for n in _OWL)
+OWL_VIT_CONTEXT_LENGTH = 16
+
+
+def get_owl_vit_config(name: str) -> ml_collections.ConfigDict:
+  """OWL-ViT model config: b32, b16, l14 (v1), v2_b16, v2_l14 (OWLv2, objectness), mu, nano.
+
+  The CLIP layout (clip_model_config) with text context_length 16, the image tower unpooled
+  (`classifier='token_unpooled'`), and `objectness`, `box_bias`, `class_bias_prior`,
+  `head_approximate_gelu` (the heads' gelu: erf as HF; scenic's flax heads used tanh).
+  """
+  key = name.strip()
+  for prefix in ("OWL-ViT-", "owl-vit-", "owl_vit_", "owlvit-", "owlv2-"):
+    if key.startswith(prefix):
+      key = ("v2_" if prefix == "owlv2-" else "") + key[len(prefix):]
+  key = key.lower().replace("/", "")
+  if key not in _OWL:
+    raise ValueError(f"Unknown OWL-ViT model {name!r}: expected one of {', '.join(_OWL)}.")
+  clip_name, image_size, objectness = _OWL[key]
+  c = get_clip_config(clip_name)
+  c.name = f"OWL-ViT-{key}"
+  c.image_size = image_size
+  c.text.context_length = OWL_VIT_CONTEXT_LENGTH
+  c.image.classifier = "token_unpooled"
+  c.objectness = objectness
+  c.box_bias = "both"
+  c.class_bias_prior = 0.01
+  c.head_approximate_gelu = False
+  return c
+
+
+# CLIP config fields that are not OwlViT module fields (the detector has no contrastive logits).
+_OWL_NOT_MODULE_FIELDS = ("image_size", "logit_scale_init", "logit_bias_init", "max_logit_scale")
+
+
+def owl_vit_kwargs(model_config) -> dict:
+  """Keyword arguments for `models.owl_vit.OwlViT` from an OWL-ViT model config (`name` ->
+  `model_name`; image size and the CLIP-only logit fields dropped)."""
+  kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  kwargs["model_name"] = kwargs.pop("name", None)
+  for k in _OWL_NOT_MODULE_FIELDS:
+    kwargs.pop(k, None)
   return kwargs

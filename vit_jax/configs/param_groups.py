@@ -94,3 +94,82 @@ def lora(rank: int = 8, alpha: float = 16.0, targets: str = LORA_TARGETS) -> Dic
           ("lora/.*", dict(name="lora")),
           (".*", dict(name="frozen", frozen=True)),
       ])
+
+
+# OWL-ViT (models/owl_vit.py): `img` (image tower) with `merged_class_token` (the LayerNorm
+# after merging the class token: part of the image embedder), `txt` (text tower; its
+# `extra_token_embedding` holds domain-vocabulary tokens), `class_head`, `box_head`,
+# `objectness_head` (OWLv2), `query_embeddings` (learned queries, when configured).
+_OWL_HEADS = "(class_head|box_head|objectness_head|query_embeddings)"
+_OWL_TEXT_MODES = ("train", "frozen", "new_tokens")
+
+
+def _owl_text_groups(text: str, lr: float) -> list:
+  if text not in _OWL_TEXT_MODES:
+    raise ValueError(f"OWL-ViT recipe: text={text!r}; expected one of {list(_OWL_TEXT_MODES)}.")
+  if text == "train":
+    return [("txt/.*", dict(name="text", base_lr=lr))]
+  frozen = [("txt/.*", dict(name="text_frozen", frozen=True))]
+  if text == "new_tokens":  # only the added tokens' embeddings learn (config.detection.new_tokens)
+    frozen.insert(0, ("txt/extra_token_embedding/.*", dict(name="new_tokens", base_lr=lr)))
+  return frozen
+
+
+def owl_vit_seeds(vision_lr: float = 1e-5, text_lr: float = 2e-5, head_lr: float = 5e-4,
+                  text: str = "train") -> Dict[str, Any]:
+  """The specification articles' OWL-ViT fine-tuning recipe: AdamW (b2 0.999, wd 0.01),
+  500 warmup steps then cosine, clip 1.0, with one LR per part: vision tower 1e-5, text tower
+  2e-5, class head and box head 5e-4 (the objectness head and learned queries go with the heads;
+  the merged-class-token LayerNorm with the vision tower). `text`: 'train', 'frozen', or
+  'new_tokens' (the text tower is frozen except the embeddings of added vocabulary)."""
+  return dict(
+      optimizer="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_norm_clip=1.0,
+      warmup_steps=500, decay_type="cosine", base_lr=head_lr,
+      param_groups=[
+          *_owl_text_groups(text, text_lr),
+          ("(img|merged_class_token)/.*", dict(name="vision", base_lr=vision_lr)),
+          (f"{_OWL_HEADS}(/.*)?", dict(name="heads", base_lr=head_lr)),
+      ])
+
+
+def owl_vit_scenic(lr: float = 5e-5, text_lr: float = 2e-6) -> Dict[str, Any]:
+  """scenic's OWL-ViT recipe (configs/clip_b32.py): Adam (b1 0.9, b2 0.999, no weight decay),
+  clip 1.0, 1000 linear warmup steps then cosine; the text tower at 2e-6, everything else
+  (image tower and heads) at 5e-5 (L/14: 2e-5). scenic also clips each example's gradient
+  (per_example_clipping, through a DP aggregator with zero noise); this preset clips the batch
+  gradient only."""
+  return dict(
+      optimizer="adamw", b1=0.9, b2=0.999, weight_decay=0.0, grad_norm_clip=1.0,
+      warmup_steps=1000, decay_type="cosine", base_lr=lr,
+      param_groups=[
+          ("txt/.*", dict(name="text", base_lr=text_lr)),
+          (".*", dict(name="image_and_heads", base_lr=lr)),
+      ])
+
+
+def owl_vit_heads(head_lr: float = 5e-4) -> Dict[str, Any]:
+  """Both towers (and the merged-class-token norm) frozen; only the detection heads (and
+  learned queries) train: the cheapest adaptation, and a baseline for the others."""
+  return dict(
+      optimizer="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_norm_clip=1.0,
+      base_lr=head_lr,
+      param_groups=[
+          (f"{_OWL_HEADS}(/.*)?", dict(name="heads")),
+          (".*", dict(name="towers_frozen", frozen=True)),
+      ])
+
+
+def owl_vit_lora(rank: int = 8, alpha: float = 16.0, head_lr: float = 5e-4,
+                 lora_lr: float = 1e-4) -> Dict[str, Any]:
+  """LoRA adapters on both towers' q/v projections (`lora(rank, alpha)`), with the detection
+  heads trainable (they start fresh, unlike CLIP's projections); every tower weight is frozen."""
+  out = lora(rank, alpha)
+  out.update(
+      optimizer="adamw", b1=0.9, b2=0.999, weight_decay=0.01, grad_norm_clip=1.0,
+      base_lr=head_lr,
+      param_groups=[
+          ("lora/.*", dict(name="lora", base_lr=lora_lr)),
+          (f"{_OWL_HEADS}(/.*)?", dict(name="heads")),
+          (".*", dict(name="frozen", frozen=True)),
+      ])
+  return out

@@ -4,15 +4,18 @@ that ship in packages. Nothing here is vendored: the images come from the machin
   apt-get install tuxpaint-stamps-default     # ~800 photo cut-outs with alpha masks (GPL)
   pip install scikit-image                    # ~20 bundled photos, used as backgrounds
   python -m vit_jax.demos.tuxpaint_detection --out ~/owl_demo
-  -> ~/owl_demo/{train,val}.json, ~/owl_demo/images/*.jpg
+  -> ~/owl_demo/{train,val,val_novel}.json, ~/owl_demo/images/*.jpg
 
 Each image is a crop of a background photo (scikit-image's astronaut, coffee, rocket, ...) with 1-4
 Tux Paint stamps pasted on it at random sizes and places. A stamp's box is the bounding box of its
 alpha mask AFTER scaling and pasting, so every box is exact to the pixel; a stamp is never pasted
 where it would hide more than `max_occlusion` of an earlier one. The categories are Tux Paint's own
-stamp folders (animals/birds -> "bird", food/fruit -> "fruit", ...). Stamps are split by stamp, not
-by image: the val images show stamps (and backgrounds crops) never seen in training, so val mAP
-measures recognising a category, not remembering a cut-out.
+stamp folders (animals/birds -> "bird", food/fruit -> "fruit", ...). Two held-out splits:
+- `val.json`: new images (new compositions, sizes, places, background crops) of the training
+  stamps: held-out images, the usual fine-tuning check;
+- `val_novel.json`: images of stamps never seen in training (a fixed 20% of each category's
+  stamps is held out), which measures recognising a category from other examples of it, not
+  finding a known cut-out: much harder for a model trained from scratch on a few hundred images.
 """
 import argparse
 import json
@@ -212,7 +215,7 @@ def build_split(out_dir: str, split: str, num_images: int, stamps: Dict[str, Lis
 def build(out_dir: str, *, stamps_dir: str = TUXPAINT_DIR, num_train: int = 800,
           num_val: int = 150, val_fraction: float = 0.2, seed: int = 0,
           categories: Dict[str, str] = CATEGORIES) -> Dict[str, str]:
-  """Builds {train,val}.json + images in `out_dir`; returns {split: json path}."""
+  """Builds {train,val,val_novel}.json + images in `out_dir`; returns {split: json path}."""
   out_dir = os.path.expanduser(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   stamps = list_stamps(stamps_dir, categories)
@@ -222,7 +225,8 @@ def build(out_dir: str, *, stamps_dir: str = TUXPAINT_DIR, num_train: int = 800,
   rng = np.random.default_rng(seed)
   paths = {}
   first_image, first_ann = 1, 1
-  for split, n, st in (("train", num_train, train_stamps), ("val", num_val, val_stamps)):
+  for split, n, st in (("train", num_train, train_stamps), ("val", num_val, train_stamps),
+                       ("val_novel", num_val, val_stamps)):
     coco = build_split(out_dir, split, n, st, backgrounds, names, rng,
                        first_image_id=first_image, first_ann_id=first_ann)
     first_image += n
@@ -243,9 +247,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="output directory (json files and images/)")
   p.add_argument("--stamps", default=TUXPAINT_DIR, help="Tux Paint stamps directory")
   p.add_argument("--num-train", type=int, default=800)
-  p.add_argument("--num-val", type=int, default=150)
+  p.add_argument("--num-val", type=int, default=150, help="images in each of val, val_novel")
   p.add_argument("--val-fraction", type=float, default=0.2,
-                 help="fraction of each category's stamps held out for val")
+                 help="fraction of each category's stamps held out for val_novel")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   build(args.out, stamps_dir=args.stamps, num_train=args.num_train, num_val=args.num_val,

@@ -45,14 +45,16 @@ def top_k_detections(pred_logits, pred_boxes, k: int) -> Dict[str, jnp.ndarray]:
   pred_logits: [batch, patches, classes] (padding queries at -1e6 score ~0 and sink).
   pred_boxes: [batch, patches, 4] cxcywh in [0, 1].
   Returns {"scores" [batch, k] float32 in [0, 1], descending; "classes" int32 [batch, k];
-  "boxes" [batch, k, 4] cxcywh, the box of the pair's patch}.
+  "boxes" [batch, k, 4] cxcywh, the box of the pair's patch}; k is capped at patches * classes
+  (a small model at a small size may have fewer pairs than COCO's 100 detections).
   """
   b, n, c = pred_logits.shape
+  k = min(k, n * c)
   if pred_boxes.shape != (b, n, 4):
     raise ValueError(f"top_k_detections: pred_boxes expected shape {(b, n, 4)} to match "
                      f"pred_logits {pred_logits.shape}; found {pred_boxes.shape}.")
-  if not 0 < k <= n * c:
-    raise ValueError(f"top_k_detections: k={k}; expected 1 <= k <= patches * classes = {n * c}.")
+  if k < 1:
+    raise ValueError(f"top_k_detections: k={k}; expected k >= 1.")
   logits, index = jax.lax.top_k(pred_logits.astype(jnp.float32).reshape(b, n * c), k)
   patch, cls = index // c, index % c
   boxes = jnp.take_along_axis(pred_boxes.astype(jnp.float32), patch[..., None], axis=1)

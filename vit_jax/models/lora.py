@@ -150,6 +150,17 @@ def add_lora(params, *, rank: int, targets: str, rng: jax.Array,
   return flax.core.freeze(out) if isinstance(params, flax.core.FrozenDict) else out
 
 
+def add_lora_from_config(params, lora_config, rng: jax.Array) -> Tuple[PyTree, Optional[str]]:
+  """A task's init: adapters per `config.lora` (rank, targets) when its rank is > 0.
+
+  Returns (params, a one-line description for the log, or None when LoRA is off)."""
+  if not lora_config.rank:
+    return params, None
+  params = add_lora(params, rank=lora_config.rank, targets=lora_config.targets, rng=rng)
+  return params, (f"LoRA rank {lora_config.rank} on {len(params[LORA_KEY])} kernels: "
+                  f"{lora_param_count(params):,} trainable adapter params")
+
+
 def merge_lora(params, alpha: float = DEFAULT_ALPHA) -> PyTree:
   """The base tree, each adapted kernel W replaced by W + (alpha / rank) (A @ B).reshape(W.shape).
 

@@ -4,7 +4,8 @@ pooling at the end-of-text token, and a bias-free projection.
 Param tree (the ViT's names where the parts are the same): `token_embedding/embedding`
 [vocab, width], `Transformer/posembed_input/pos_embedding` [1, context_length, width],
 `Transformer/encoderblock_{i}/...`, `Transformer/encoder_norm` (CLIP's `ln_final`), `head/kernel`
-[width, embed_dim] (CLIP's `text_projection`).
+[width, embed_dim] (CLIP's `text_projection`) and, with `extra_tokens > 0`,
+`extra_token_embedding/embedding` [extra_tokens, width] (the embeddings of ids >= vocab_size).
 """
 from typing import Any, Optional
 
@@ -24,6 +25,12 @@ class TextTransformer(nn.Module):
   same way (the first EOT, if it repeats as padding). Attention is causal, so whatever follows
   the EOT (padding) does not change the pooled features. With `embed_dim=None` the pooled
   `[batch, width]` features are returned unprojected.
+
+  Added vocabulary (domain words given ids above CLIP's EOT id 49407) breaks argmax pooling, so
+  `eot_token_id` (an int) pools at the FIRST position holding that id instead (a row without it
+  pools at position 0). `extra_tokens > 0` adds a second table, `extra_token_embedding`
+  [extra_tokens, width], for ids vocab_size .. vocab_size + extra_tokens - 1: a separate param so
+  that an optimizer group can train it while `token_embedding` stays frozen.
   """
   embed_dim: Optional[int]
   width: int
@@ -32,6 +39,8 @@ class TextTransformer(nn.Module):
   mlp_dim: int
   vocab_size: int = 49408
   context_length: int = 77
+  eot_token_id: Optional[int] = None  # None: pool at the argmax id (CLIP); int: first such id
+  extra_tokens: int = 0  # ids >= vocab_size, embedded by `extra_token_embedding`
   mlp_activation: str = "quick_gelu"  # gelu | quick_gelu
   approximate_gelu: bool = False  # for mlp_activation="gelu": tanh form (True) or erf (False)
   layernorm_epsilon: float = 1e-5
@@ -53,8 +62,16 @@ class TextTransformer(nn.Module):
     if tokens.shape[1] > self.context_length:
       raise ValueError(f"Text tokens: {tokens.shape[1]} per sequence, more than the model's "
                        f"context_length {self.context_length}.")
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                 dtype=self.dtype, param_dtype=self.param_dtype, name="token_embedding")(tokens)
+    embed = lambda n, name: nn.Embed(n, self.width, embedding_init=nn.initializers.normal(0.02),
+                                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    if self.extra_tokens > 0:
+      extra = tokens >= self.vocab_size
+      base = embed(self.vocab_size, "token_embedding")(jnp.where(extra, 0, tokens))
+      new = embed(self.extra_tokens, "extra_token_embedding")(
+          jnp.clip(tokens - self.vocab_size, 0, self.extra_tokens - 1))
+      x = jnp.where(extra[..., None], new, base)
+    else:
+      x = embed(self.vocab_size, "token_embedding")(tokens)
     x = vit.Encoder(
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
@@ -63,7 +80,10 @@ class TextTransformer(nn.Module):
         posemb_length=self.context_length, is_causal=True, remat=self.remat,
         remat_policy=self.remat_policy, dtype=self.dtype,
         param_dtype=self.param_dtype, name="Transformer")(x, train=train)
-    eot = jnp.argmax(tokens, axis=-1)  # the first maximum, as torch's argmax
+    if self.eot_token_id is None:
+      eot = jnp.argmax(tokens, axis=-1)  # the first maximum, as torch's argmax
+    else:
+      eot = jnp.argmax(tokens == self.eot_token_id, axis=-1)  # the first match (0 if none)
     pooled = x[jnp.arange(x.shape[0]), eot]  # [batch, width]
     if self.embed_dim is not None:
       pooled = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,

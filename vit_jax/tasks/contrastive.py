@@ -69,12 +69,9 @@ class ContrastiveTask:
           image_size=tuple(image.shape[1:3]), context_length=self.config.context_length,
           resize_method=self.config.posemb_resize_method)
       params = jax.tree.map(jnp.asarray, params)
-    if self.config.lora.rank:
-      params = lora.add_lora(params, rank=self.config.lora.rank,
-                             targets=self.config.lora.targets, rng=lora_rng)
-      logging.info("LoRA rank %d on %d kernels: %s trainable adapter params",
-                   self.config.lora.rank, len(params["lora"]),
-                   f"{lora.lora_param_count(params):,}")
+    params, note = lora.add_lora_from_config(params, self.config.lora, lora_rng)
+    if note:
+      logging.info("%s", note)
     return params
 
   def model_params(self, params):
