@@ -139,7 +139,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 def _cpu_demo(c: ml_collections.ConfigDict) -> None:
   """The offline demo (vit_jax/demos/tuxpaint_detection.py): a small OWL-ViT from scratch."""
   c.batch, c.batch_eval = 16, 50
-  c.total_steps, c.warmup_steps = 1500, 100
+  c.total_steps, c.warmup_steps = 2000, 100
   c.base_lr, c.weight_decay = 1e-3, 0.01
   # From scratch, every part learns at the same rate (the seeds' per-part LRs assume pretrained
   # towers).
