@@ -259,8 +259,9 @@ def test_detection_loss_gradients_finite_and_blind_to_matching():
   live, frozen = grads("jax"), grads(lambda c, k: fixed)
   for key in outputs:
     assert np.all(np.isfinite(live[key])), key
-    # A matching held constant gives the same gradient: none flows through the matcher.
-    np.testing.assert_allclose(live[key], frozen[key], rtol=1e-6, atol=1e-9)
+    # A matching held constant gives the same gradient: none flows through the matcher (the two
+    # are different compiled programs: equal up to float32 rounding).
+    np.testing.assert_allclose(live[key], frozen[key], rtol=1e-5, atol=1e-7)
   # Padding queries (-1e6 logits) get no gradient; the empty image still gets negatives.
   padding_query = np.broadcast_to(~targets["query_mask"][:, None, :], (3, 6, 3))
   assert np.all(np.asarray(live["pred_logits"])[padding_query] == 0)

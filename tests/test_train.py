@@ -135,7 +135,7 @@ def test_early_stopping_on_scripted_metric_keeps_best(tmp_path, monkeypatch):
   scripted = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.9])
   evaluated_at = []
 
-  def fake_evaluate(evaluators, params, eval_data, backend):
+  def fake_evaluate(evaluators, params, eval_data, backend, **unused):
     evaluated_at.append(True)
     return {"eval/accuracy": next(scripted)}
 

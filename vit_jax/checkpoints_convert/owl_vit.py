@@ -371,15 +371,19 @@ def load_backbone(path: str, model_config, image_size, params: Mapping, *,
   """
   ckpt = clip.read(path, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act)
   notes: List[str] = []
-  c = ml_collections.ConfigDict(model_config.to_dict())
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  c = model_config.to_dict()
   if image_size is not None:
-    c.image_size = image_size
+    h, w = vit._pair(image_size)  # pylint: disable=protected-access
+    c["image_size"] = h if h == w else (h, w)  # a config field: the int a square size is
+  c = ml_collections.ConfigDict(c)
   view = clip_view(c)
   _, clip_params, _, fit_notes = clip.fit(
       ckpt, view, image_size=image_size, context_length=c.text.context_length,
       resize_method=resize_method, text_resize_method=text_resize_method)
-  notes += fit_notes + ["dropped the CLIP visual projection and logit_scale (unused by the "
-                        "detector); heads kept from the given params"]
+  del fit_notes  # clip.fit logged them
+  notes.append("dropped the CLIP visual projection and logit_scale (unused by the detector); "
+               "heads kept from the given params")
   src = {k: v for k, v in common.flatten(clip_params).items() if k not in _DROPPED}
   target = {k: np.asarray(v) for k, v in common.flatten(params).items()}
   kept = [k for k in target if k not in src]

@@ -3,8 +3,9 @@ that ship in packages. Nothing here is vendored: the images come from the machin
 
   apt-get install tuxpaint-stamps-default     # ~800 photo cut-outs with alpha masks (GPL)
   pip install scikit-image                    # ~20 bundled photos, used as backgrounds
-  python -m vit_jax.demos.tuxpaint_detection --out ~/owl_demo
+  python -m vit_jax.demos.tuxpaint_detection --out ~/owl_demo [--clip-steps 1000]
   -> ~/owl_demo/{train,val,val_novel}.json, ~/owl_demo/images/*.jpg
+     [~/owl_demo/clip_mu16.npz: CLIP towers pre-trained on the training boxes' crops]
 
 Each image is a crop of a background photo (scikit-image's astronaut, coffee, rocket, ...) with 1-4
 Tux Paint stamps pasted on it at random sizes and places. A stamp's box is the bounding box of its
@@ -241,6 +242,78 @@ def build(out_dir: str, *, stamps_dir: str = TUXPAINT_DIR, num_train: int = 800,
   return paths
 
 
+# Captions of the crops for the optional CLIP pre-training: the category through these templates.
+CROP_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a photo of the {}.")
+
+
+def write_crops(out_dir: str, split: str, templates=CROP_TEMPLATES, margin: float = 0.1) -> str:
+  """Crops every box of `out_dir/{split}.json` (with a `margin` around it) into
+  `out_dir/crops/`, and writes `out_dir/crops/{split}.jsonl` of {"path", "captions"}: the
+  category's name through `templates`, for configs/clip.py's `caption_jsonl` source."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(out_dir, f"{split}.json")) as f:
+    coco = json.load(f)
+  names = {c["id"]: c["name"] for c in coco["categories"]}
+  files = {im["id"]: im["file_name"] for im in coco["images"]}
+  crops = os.path.join(out_dir, "crops")
+  os.makedirs(crops, exist_ok=True)
+  lines = []
+  for a in coco["annotations"]:
+    x, y, w, h = a["bbox"]
+    with Image.open(os.path.join(out_dir, files[a["image_id"]])) as im:
+      box = (max(0, int(x - margin * w)), max(0, int(y - margin * h)),
+             min(im.width, int(x + w + margin * w + 1)), min(im.height, int(y + h + margin * h + 1)))
+      name = f"{split}_{a['id']:06d}.jpg"
+      im.convert("RGB").crop(box).save(os.path.join(crops, name), quality=92)
+    lines.append(json.dumps({"path": name,
+                             "captions": [t.format(names[a["category_id"]]) for t in templates]}))
+  path = os.path.join(crops, f"{split}.jsonl")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+def clip_pretrain_config(out_dir: str, steps: int):
+  """configs/clip.py's CPU model (mu16: patch 16, 64 px) on the training crops, context 16 (as
+  OWL-ViT's text tower), evaluated by retrieval on the val crops."""
+  from vit_jax.configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
+  c = clip_configs.get_config("mu16,captions")
+  c.unlock()
+  c.data_dir = os.path.join(out_dir, "crops")
+  c.max_captions_eval = len(CROP_TEMPLATES)
+  c.context_length = c.model.text.context_length = 16
+  c.batch, c.batch_eval = 128, 250
+  c.total_steps, c.warmup_steps = steps, max(1, steps // 10)
+  c.base_lr, c.weight_decay = 1e-3, 0.1
+  c.log_every_steps, c.eval_every_steps = 100, steps
+  c.checkpoint_every_steps = steps
+  c.shuffle_buffer = 5000
+  return c
+
+
+def pretrain_clip(out_dir: str, steps: int) -> str:
+  """Trains the CLIP towers on the training crops (through the one training loop) and writes
+  them as `out_dir/clip_mu16.npz`, which OWL-ViT's `pretrained_path` loads as its backbone
+  (heads fresh, position embeddings resampled to the detector's size): the offline stand-in for
+  starting from a public CLIP checkpoint."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints_convert import clip as clip_convert  # pylint: disable=g-import-not-at-top
+  from vit_jax.evaluation import wise_ft  # pylint: disable=g-import-not-at-top
+  for split in ("train", "val"):
+    write_crops(out_dir, split)
+  config = clip_pretrain_config(out_dir, steps)
+  logging.set_verbosity(logging.INFO)  # the training loop's progress lines, as under vit_jax.main
+  workdir = os.path.join(out_dir, "clip_run")
+  result = train.train_and_evaluate(config, workdir)
+  print("CLIP on the crops:", {k: round(float(v), 4) for k, v in result.items()})
+  params = wise_ft.load_params(config, workdir)[1]
+  path = os.path.join(out_dir, "clip_mu16.npz")
+  clip_convert.export_npz(params, config.model, path)
+  print(f"CLIP towers -> {path}")
+  return path
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,9 +324,18 @@ def main(argv=None) -> int:
   p.add_argument("--val-fraction", type=float, default=0.2,
                  help="fraction of each category's stamps held out for val_novel")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--clip-steps", type=int, default=0,
+                 help="> 0: also pre-train CLIP towers on the training boxes' crops for this "
+                 "many steps and write OUT/clip_mu16.npz (OWL-ViT's --config.pretrained_path)")
   args = p.parse_args(argv)
-  build(args.out, stamps_dir=args.stamps, num_train=args.num_train, num_val=args.num_val,
-        val_fraction=args.val_fraction, seed=args.seed)
+  out = os.path.expanduser(args.out)
+  if os.path.exists(os.path.join(out, "train.json")):
+    print(f"{out}/train.json exists: the set is not rebuilt (remove it to rebuild).")
+  else:
+    build(out, stamps_dir=args.stamps, num_train=args.num_train, num_val=args.num_val,
+          val_fraction=args.val_fraction, seed=args.seed)
+  if args.clip_steps:
+    pretrain_clip(out, args.clip_steps)
   return 0
 
 
