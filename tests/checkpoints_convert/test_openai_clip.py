@@ -12,7 +12,7 @@ the main venv's CPU torch 2.13; they skip there, saying so. Run them in the torc
 torchvision venv (open-clip-torch 3.3.0, transformers 5.23.0, safetensors, pytest, absl-py,
 ml-collections, and jax 0.10.2 + flax 0.12.8 for our CLIP, added to it):
 
-  cd /work/main && .venv-timm/bin/python -m pytest -p no:cacheprovider -s \
+  .venv-timm/bin/python -m pytest -p no:cacheprovider -s \
       tests/checkpoints_convert/test_openai_clip.py
 """
 import collections
