@@ -579,20 +579,27 @@ def make_coco_evaluator(predict_fn: Callable, *, gt_json, image_root: Optional[s
     ids = np.asarray(outputs["image_id"])[real].astype(np.int64)
     return to_coco_results(dets, ids, np.asarray(outputs["orig_size"])[real], category_ids), ids
 
+  def report(outputs):
+    """(results, ids, per-query rows, summary) of `outputs`; the last one is kept, so `write`
+    after `finalize` on the same outputs (train.evaluate's order) does not redo them."""
+    last = cache.get("last")
+    if last is None or last[0] is not outputs:
+      results, ids = results_of(outputs)
+      rows, summary = per_query_report(coco(), results, names, score_threshold=report_threshold,
+                                       image_ids=ids)
+      cache["last"] = last = (outputs, results, ids, rows, summary)
+    return last[1:]
+
   def finalize(outputs):
-    results, ids = results_of(outputs)
+    results, ids, _, summary = report(outputs)
     metrics = coco_metrics(coco(), results, image_ids=ids, category_ids=category_ids)
-    _, summary = per_query_report(coco(), results, names, score_threshold=report_threshold,
-                                  image_ids=ids)
     metrics.update({f"precision@{tag}": summary["precision"], f"recall@{tag}": summary["recall"],
                     f"f1@{tag}": summary["f1"], "num_examples": int(ids.size)})
     return metrics
 
   def write_artifacts(outputs, step_: int, workdir: str) -> List[str]:
-    results, ids = results_of(outputs)
+    results, ids, rows, _ = report(outputs)
     out_dir = os.path.join(workdir, "eval_detection")
-    rows, _ = per_query_report(coco(), results, names, score_threshold=report_threshold,
-                               image_ids=ids)
     csv_path = os.path.join(out_dir, f"step_{step_}", "per_query.csv")
     write_csv(rows, csv_path)
     txt_path = os.path.join(out_dir, f"step_{step_}", "per_query.txt")
