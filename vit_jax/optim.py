@@ -32,16 +32,17 @@ _BLOCK_REGEX = re.compile(r"(^|.*/)encoderblock_(\d+)/.*")
 
 def param_paths(params) -> List[str]:
   """'/'-joined paths of the leaves of `params`, in `jax.tree.leaves` order."""
-  return [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
-def _path_str(key_path) -> str:
+def path_str(key_path) -> str:
+  """'/'-joined names of a `jax.tree_util` key path: 'Transformer/encoder_norm/scale'."""
   return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def _map_paths(fn: Callable[[str], Any], tree):
   """A tree like `tree` with `fn(path)` at each leaf (leaves may be arrays or ShapeDtypeStructs)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: fn(_path_str(p)), tree)
+  return jax.tree_util.tree_map_with_path(lambda p, _: fn(path_str(p)), tree)
 
 
 def tree_bytes(tree) -> int:

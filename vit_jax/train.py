@@ -207,6 +207,13 @@ def _make_writer(workdir: str):
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
 
 
+def _placement(config, backend) -> str:
+  if backend.name == "pmap":
+    return f"pmap ({backend.n_local} local devices, replicated)"
+  rules = f", {len(backend.plan.rules)} sharding rules" if backend.plan.rules else ""
+  return f"pjit mesh {dict(backend.mesh.shape)}, sharding={config.sharding}{rules}"
+
+
 def _format_line(step: int, total: int, metrics: Dict[str, float], steps_per_s: float,
                  batch: int) -> str:
   eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
@@ -280,23 +287,38 @@ def evaluate(evaluators, params, eval_data, backend, *, step: Optional[int] = No
   return results
 
 
-def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval."""
+def state_memory(state: TrainState, backend) -> Dict[str, int]:
+  """Bytes of params and optimizer state that one device holds (the largest shard per leaf)."""
+  shardings = backend.shardings(state)
+  return {"params": parallel.bytes_per_device(state.params, shardings and shardings.params),
+          "opt_state": parallel.bytes_per_device(state.opt_state,
+                                                 shardings and shardings.opt_state)}
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None) -> Dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval.
+
+  `devices`: the devices to run on (default all; under pmap, this process's). A run resumes on
+  any number of devices: the checkpoint is re-laid onto the new mesh as it is read.
+  """
   from vit_jax import input_pipeline  # lazy: imports TensorFlow
   os.makedirs(workdir, exist_ok=True)
   _quiet_library_logs()
   _hide_accelerators_from_tf()
-  backend = parallel.get_backend(config)
+  backend = parallel.get_backend(config, devices)
   task = get_task(config)
   pid, pcount = jax.process_index(), jax.process_count()
   logging.info("Devices: %d (%d local, process %d of %d), back-end %s, platform %s",
-               jax.device_count(), jax.local_device_count(), pid, pcount, backend.name,
+               jax.device_count() if devices is None else len(devices),
+               jax.local_device_count() if devices is None else len(
+                   [d for d in devices if d.process_index == pid]), pid, pcount, backend.name,
                jax.default_backend())
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = ckpt.latest_step() or 0
-  train_iter = input_pipeline.make_train_iterator(config, process_index=pid, process_count=pcount,
-                                                  start_step=start_step)
+  make_iter = lambda step: input_pipeline.make_train_iterator(
+      config, process_index=pid, process_count=pcount, start_step=step)
+  train_iter = make_iter(start_step)
   first_batch = next(train_iter)
   eval_data = input_pipeline.make_eval_data(config, split=config.eval_split, process_index=pid,
                                             process_count=pcount)
@@ -304,10 +326,20 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state, tx, schedules = create_train_state(config, task, init_rng, first_batch)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  logging.info("Parameters: %s; optimizer state: %.1f MB", f"{num_params:,}",
-               optim.tree_bytes(state.opt_state) / 2**20)
+  per_device = state_memory(state, backend)
+  logging.info("Parameters: %s (%.1f MiB); optimizer state: %.1f MiB; per device under %s: "
+               "params %.1f MiB, optimizer state %.1f MiB", f"{num_params:,}",
+               optim.tree_bytes(state.params) / 2**20, optim.tree_bytes(state.opt_state) / 2**20,
+               _placement(config, backend), per_device["params"] / 2**20,
+               per_device["opt_state"] / 2**20)
   if start_step:
-    state = ckpt.restore(start_step, state)
+    # Restored straight into this run's layout (any mesh, any device count). A checkpoint that
+    # does not read back is moved aside and the next older one used; its step restarts the data.
+    restored, state = ckpt.restore_latest(backend.restore_target(state))
+    if restored != start_step:
+      train_iter.close()
+      train_iter, start_step = make_iter(restored), restored
+      first_batch = next(train_iter)
     logging.info("Resuming at step %d", start_step)
   state = backend.put_state(state)
 
