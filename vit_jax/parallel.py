@@ -210,16 +210,17 @@ def make_mesh(mesh_spec: Sequence[Tuple[str, int]], devices=None) -> Mesh:
   devices = np.asarray(jax.devices() if devices is None else devices)
   names = [str(n) for n, _ in mesh_spec]
   sizes = [int(s) for _, s in mesh_spec]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh {list(mesh_spec)}: at most one axis may have size -1.")
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh {list(mesh_spec)}: sizes must be positive, and at most one "
+                     "axis may have size -1.")
   known = int(np.prod([s for s in sizes if s != -1]))
-  if devices.size % known:
+  if -1 in sizes and devices.size % known:
     raise ValueError(f"config.mesh {list(mesh_spec)} needs a multiple of {known} devices; "
                      f"found {devices.size}.")
+  if -1 not in sizes and known != devices.size:
+    raise ValueError(f"config.mesh {list(mesh_spec)}: sizes multiply to {known} devices; found "
+                     f"{devices.size} (give one axis size -1 to take the rest).")
   sizes = [devices.size // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != devices.size:
-    raise ValueError(f"config.mesh {list(mesh_spec)} gives {int(np.prod(sizes))} devices; "
-                     f"found {devices.size}.")
   return Mesh(devices.reshape(sizes), names)
 
 
