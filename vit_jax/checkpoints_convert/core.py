@@ -14,6 +14,7 @@ import numpy as np
 from vit_jax.checkpoints_convert import common
 from vit_jax.checkpoints_convert import npz
 from vit_jax.checkpoints_convert import openai_clip
+from vit_jax.checkpoints_convert import orbax as orbax_ckpt
 from vit_jax.checkpoints_convert import posemb
 from vit_jax.checkpoints_convert import torch as torch_formats
 
@@ -69,14 +70,16 @@ class State(NamedTuple):
 
 
 def read_state(path: str) -> State:
-  """Reads a checkpoint's arrays (and config.json) under the file's own names: an `.npz`, an HF
-  directory (model.safetensors or pytorch_model.bin, sharded or not), one torch/safetensors file
+  """Reads a checkpoint's arrays (and config.json) under the file's own names: an `.npz`, a
+  vit_jax workdir or orbax checkpoint (its params, whatever mesh wrote them), an HF directory (model.safetensors or pytorch_model.bin, sharded or not), one torch/safetensors file
   or a TorchScript archive (OpenAI's CLIP `.pt`). Pickles are read refusing code execution (see
   torch.read_pickle and openai_clip.read_openai_torchscript)."""
   path, subtree = _split_subtree(os.fspath(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f"Checkpoint not found: {path}")
-  if os.path.isdir(path):
+  if orbax_ckpt.is_orbax(path):  # a vit_jax workdir / checkpoint: our own tree, as an .npz
+    hf_config, arrays = None, orbax_ckpt.read_params(path)
+  elif os.path.isdir(path):
     hf_config = torch_formats.read_hf_config(path)
     arrays = _read_hf_dir(path)
   else:

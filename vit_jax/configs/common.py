@@ -27,7 +27,9 @@ def add_loop_keys(c: ml_collections.ConfigDict) -> None:
   # 'dots_with_no_batch_dims_saveable' (keep the GEMM outputs: less recompute, more memory).
   c.remat_policy = config_dict.placeholder(str)
   c.parallelism = "pjit"  # pjit (jax.jit + Mesh/NamedSharding) | pmap
-  c.mesh = [("data", -1)]  # axis name, size; -1 takes the remaining devices; axes: data, fsdp, model
+  # ((axis name, size), ...): axes data, fsdp, model; -1 takes the remaining devices. A tuple, so
+  # the command line can set it: --config.mesh="(('data', 2), ('fsdp', -1))".
+  c.mesh = (("data", -1),)
   # pjit: where params and optimizer state live. replicate: a copy on every device | fsdp: each
   # leaf split along its largest dimension that divides the mesh's fsdp axis (big_vision's rule).
   c.sharding = "replicate"
@@ -36,7 +38,7 @@ def add_loop_keys(c: ml_collections.ConfigDict) -> None:
   # PartitionSpec-like tuple, e.g. (".*/MlpBlock_3/Dense_0/kernel", (None, "model")); fsdp then
   # splits a dimension the rule left free. "tensor_parallel" as an entry stands for
   # parallel.TENSOR_PARALLEL_RULES (attention heads and MLP hidden units over "model").
-  c.sharding_rules = []
+  c.sharding_rules = ()
   c.early_stopping = ml_collections.ConfigDict(dict(
       metric=config_dict.placeholder(str),  # e.g. "accuracy"; unset: no early stopping
       mode="max", patience=3, min_delta=0.0))
