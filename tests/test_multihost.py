@@ -35,17 +35,24 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _config(data_dir, parallelism):
+# FSDP over both processes' 8 devices: every param split across hosts, each host saving and
+# restoring only its own shards.
+FSDP = dict(mesh=(("fsdp", -1),), sharding="fsdp", fsdp_min_size=0)
+
+
+def _config(data_dir, parallelism, **overrides):
   c = vit_config.get_config("nano4,fashion_mnist")
   c.unlock()
   c.update(OVERRIDES)
   c.data_dir, c.parallelism = str(data_dir), parallelism
+  c.update(overrides)
   return c
 
 
 def _launch(workdir, data_dir, parallelism, **overrides):
   port = _free_port()
-  flags = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, **overrides).items()]
+  flags = [f"--config.{k}={repr(v) if isinstance(v, tuple) else v}"
+           for k, v in dict(OVERRIDES, **overrides).items()]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4", TF_NUM_INTRAOP_THREADS="1")
   procs = [subprocess.Popen(
@@ -86,15 +93,16 @@ def _single_process_state(config):
   return backend.get_state(state)
 
 
-@pytest.mark.parametrize("parallelism", ["pjit", "pmap"])
-def test_two_processes_train_as_one(tmp_path, parallelism):
+@pytest.mark.parametrize("parallelism,placement", [("pjit", {}), ("pmap", {}), ("pjit", FSDP)],
+                         ids=["pjit", "pmap", "pjit_fsdp"])
+def test_two_processes_train_as_one(tmp_path, parallelism, placement):
   os.makedirs(tmp_path / "data")
   data = util.make_idx_dir(tmp_path / "data", n_train=64, n_test=21, size=8)
   # Preempted after step 2 (its checkpoint written), then restarted to the end: the resume path
   # (orbax restore on every process) is part of what must give the single-process params.
-  first = _launch(tmp_path / "run", data, parallelism, total_steps=STEPS - 1)
+  first = _launch(tmp_path / "run", data, parallelism, total_steps=STEPS - 1, **placement)
   assert "Saved checkpoint for step 2" in first[0], first[0][-3000:]
-  outs = _launch(tmp_path / "run", data, parallelism)
+  outs = _launch(tmp_path / "run", data, parallelism, **placement)
   assert all("Resuming at step 2" in out for out in outs), outs[0][-3000:]
   assert "Devices: 8 (4 local, process 0 of 2)" in outs[0], outs[0][-3000:]
   assert "Devices: 8 (4 local, process 1 of 2)" in outs[1], outs[1][-3000:]
@@ -104,7 +112,7 @@ def test_two_processes_train_as_one(tmp_path, parallelism):
 
   mngr = ocp.CheckpointManager(os.path.join(tmp_path / "run", "checkpoints"))
   assert mngr.latest_step() == STEPS
-  want = _single_process_state(_config(data, parallelism))
+  want = _single_process_state(_config(data, parallelism, **placement))
   # Restored onto this process's devices, in the single-process state's structure.
   got = mngr.restore(STEPS, args=ocp.args.StandardRestore(
       jax.tree.map(ocp.utils.to_shape_dtype_struct, want)))
