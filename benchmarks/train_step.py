@@ -5,6 +5,8 @@
     python benchmarks/train_step.py --model ti16 --batch 32 --upstream /path/to/vision_transformer
     python benchmarks/train_step.py --model ti16 --batch 32 --peer timm --torch-python .venv-timm/bin/python
     python benchmarks/train_step.py --model b16 --batch 32 --memory   # bytes per device, from shapes
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python benchmarks/train_step.py --model b16 --batch 8 --placements replicate,fsdp
 
 Runs the real step from vit_jax.train (forward, backward, optimizer update, donated state) on a
 synthetic batch at --image-size, with the config's optimizer (default: upstream's fine-tuning
@@ -26,6 +28,12 @@ temporaries) and the model FLOP utilisation: XLA's FLOP count of the step over t
 only (nothing runs or is allocated), the per-device bytes of params, gradients, optimizer state
 and the activations kept for the backward pass, for fp32, bf16, remat, remat with a policy and
 accum_steps (--memory-xla adds XLA:CPU's analysis of each compiled step).
+
+--placements replicate,fsdp[,tensor_parallel] times the same step under each pjit placement
+(PLACEMENTS below: all devices on one axis; tensor_parallel: 2-way over "model"), alternating
+them over --rounds, and prints each one's step time as a ratio of the first. On fake CPU devices
+(XLA_FLAGS above) the collectives are memory copies between threads of one process: a proxy for
+the extra work FSDP's gathers and reduce-scatters add, not for a real interconnect.
 """
 import argparse
 import json
@@ -259,6 +267,35 @@ def run_upstream(args) -> dict:
                 memory)
 
 
+PLACEMENTS = {
+    "replicate": dict(mesh=(("data", -1),), sharding="replicate"),
+    "fsdp": dict(mesh=(("fsdp", -1),), sharding="fsdp"),
+    "tensor_parallel": dict(mesh=(("data", -1), ("model", 2)), sharding_rules=("tensor_parallel",)),
+}
+
+
+def run_placements(args) -> None:
+  """Our step under each of --placements, alternated over --rounds (best of each), as ratios."""
+  names = args.placements.split(",")
+  unknown = [n for n in names if n not in PLACEMENTS]
+  if unknown:
+    sys.exit(f"--placements: unknown {unknown}; expected some of {list(PLACEMENTS)}.")
+  best = {}
+  for r in range(args.rounds):
+    for name in names:
+      step, state, batch, n_params, model, _, _ = _our_step(args, **PLACEMENTS[name])
+      seconds, flops, memory = measure(step, state, batch, jax.random.PRNGKey(1), args.steps,
+                                       args.repeats)
+      del state
+      if r == 0:
+        report(f"vit_jax {model} [{name}]", n_params, args, seconds, flops, memory)
+      best[name] = min(best.get(name, float("inf")), seconds)
+  base = names[0]
+  for name in names:
+    print(f"{name}: {best[name] * 1e3:.1f} ms/step (best of {args.rounds} rounds) = "
+          f"{best[name] / best[base]:.2f}x {base}", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="ti16")
@@ -277,6 +314,9 @@ def main():
                   help="the interpreter that has torch + timm (e.g. .venv-timm/bin/python)")
   ap.add_argument("--peer-modes", default="eager,compile")
   ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table)")
+  ap.add_argument("--placements", help="comma list of " + ",".join(PLACEMENTS) +
+                  ": time our step under each (pjit, all devices)")
+  ap.add_argument("--rounds", type=int, default=2, help="--placements: alternations")
   ap.add_argument("--memory", action="store_true",
                   help="print per-device memory for each setting, from shapes (nothing runs)")
   ap.add_argument("--memory-xla", action="store_true",
@@ -285,6 +325,9 @@ def main():
 
   if args.memory:
     run_memory(args)
+    return
+  if args.placements:
+    run_placements(args)
     return
 
   if args.upstream_worker:  # in the subprocess: upstream's vit_jax is first on sys.path

@@ -10,11 +10,11 @@ Nothing here is specific to a task.
 """
 import json
 import logging as std_logging
-import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -153,11 +153,10 @@ class EarlyStopping:
     self.patience, self.min_delta = cfg.patience, cfg.min_delta
     if self.mode not in ("max", "min"):
       raise ValueError(f"config.early_stopping.mode={self.mode!r}: expected 'max' or 'min'.")
-    self.path = os.path.join(workdir, "early_stopping.json")
+    self.path = epath.Path(workdir) / "early_stopping.json"  # local or gs://
     self.best, self.best_step, self.bad_evals = None, None, 0
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        saved = json.load(f)
+    if self.path.exists():
+      saved = json.loads(self.path.read_text())
       self.best, self.best_step, self.bad_evals = (saved["best"], saved["best_step"],
                                                    saved["bad_evals"])
 
@@ -173,10 +172,10 @@ class EarlyStopping:
       self.best, self.best_step, self.bad_evals = value, step, 0
     else:
       self.bad_evals += 1
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}, f)
-    os.replace(tmp, self.path)
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    tmp.write_text(json.dumps({"best": self.best, "best_step": self.best_step,
+                               "bad_evals": self.bad_evals}))
+    tmp.replace(self.path)
     return improved, self.bad_evals >= self.patience
 
 
@@ -302,7 +301,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> Dict[str, float
   any number of devices: the checkpoint is re-laid onto the new mesh as it is read.
   """
   from vit_jax import input_pipeline  # lazy: imports TensorFlow
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or gs://bucket/...
   _quiet_library_logs()
   _hide_accelerators_from_tf()
   backend = parallel.get_backend(config, devices)
