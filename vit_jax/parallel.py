@@ -11,10 +11,12 @@ compiles it and supplies `mean_fn`, the cross-device mean of per-device values:
   (tensor parallelism over `model`); XLA inserts the gathers and reduce-scatters.
 Both are multi-host aware: each process feeds only its own part of the global batch.
 """
+import contextlib
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+from flax.linen import partitioning as nn_partitioning
 import jax
 from jax import lax
 import numpy as np
@@ -411,6 +413,17 @@ class PjitBackend(Backend):
         lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
         batch)
 
+  def _tracing(self):
+    """What the models see while a step is traced: the mesh, and the rule that puts their
+    activations' "batch" axis (flax logical name) on the batch axes. Without it, the partitioner
+    may split a layer's matmul along the FSDP-sharded weight and all-gather the activations over
+    the batch instead (measured: ViT-B/16 on 64 devices, 10.6 GB of temporaries per device instead
+    of 2.1 GB)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn_partitioning.axis_rules([("batch", self.batch_axes)]))
+    return stack
+
   def compile_train_step(self, step_fn):
     # The inputs' placement comes from the arrays (put_state, put_batch); the new state is pinned
     # to the same plan, so the donated buffers are reused and a step never drifts the layout.
@@ -418,12 +431,12 @@ class PjitBackend(Backend):
       state, metrics = step_fn(state, batch, rng)
       return (lax.with_sharding_constraint(state, self.shardings(state)),
               lax.with_sharding_constraint(metrics, self.replicated))
-    return jax.jit(step, donate_argnums=(0,))
+    return _TracedUnder(jax.jit(step, donate_argnums=(0,)), self._tracing)
 
   def compile_eval_step(self, eval_fn, reduce="sum"):
     _check_reduce(reduce)
     out = self.replicated if reduce == "sum" else self.batch_sharding
-    return jax.jit(eval_fn, out_shardings=out)
+    return _TracedUnder(jax.jit(eval_fn, out_shardings=out), self._tracing)
 
   def fetch_examples(self, tree):
     if jax.process_count() == 1:
@@ -433,6 +446,22 @@ class PjitBackend(Backend):
 
   def fetch(self, tree):
     return jax.device_get(tree)
+
+
+class _TracedUnder:
+  """A jitted function that is traced (on a call or `.lower`) inside `context()`: `jax.set_mesh`
+  may not be entered inside jit, so it wraps the calls instead."""
+
+  def __init__(self, jitted, context: Callable):
+    self.jitted, self.context = jitted, context
+
+  def __call__(self, *args, **kwargs):
+    with self.context():
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with self.context():
+      return self.jitted.lower(*args, **kwargs)
 
 
 def _check_reduce(reduce: str) -> None:

@@ -259,6 +259,9 @@ class Encoder(nn.Module):
     for lyr in range(self.num_layers):
       # Stochastic depth grows linearly with depth, as in DeiT/AugReg.
       sd = self.stochastic_depth * lyr / max(self.num_layers - 1, 1)
+      # Activations stay split by example between blocks; a no-op unless the trainer binds the
+      # logical axis "batch" to mesh axes (parallel.py, pjit).
+      x = nn.with_logical_constraint(x, ("batch", None, None))
       x = block_cls(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate, stochastic_depth=sd,
@@ -266,6 +269,7 @@ class Encoder(nn.Module):
           layernorm_epsilon=self.layernorm_epsilon, is_causal=self.is_causal, dtype=self.dtype,
           param_dtype=self.param_dtype, name=f"encoderblock_{lyr}")(
               x, not train, mask)
+    x = nn.with_logical_constraint(x, ("batch", None, None))
     return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="encoder_norm")(x)
 
