@@ -139,3 +139,24 @@ def test_damaged_only_checkpoint_is_one_clear_error(tmp_path, data_dir):
   traceback_lines = out.stderr[out.stderr.index("Traceback"):].splitlines()
   assert len(traceback_lines) < 40, out.stderr[-5000:]
   assert "Event loop is closed" not in out.stderr
+
+
+def test_clip_checkpoint_saved_sharded_is_a_pretrained_path(tmp_path):
+  # CLIP params saved under tensor parallelism x FSDP initialise a CLIP run with replicated params.
+  from tests import test_sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+  config = test_sharding._clip_config(mesh=(("fsdp", 4), ("model", 2)), sharding="fsdp",
+                                      sharding_rules=("tensor_parallel",))
+  backend = parallel.get_backend(config)
+  batch = test_sharding._batches(config, 1)[0]
+  _, state, _, _ = test_sharding._init(config, batch)
+  state = backend.put_state(state)
+  kernel = state.params["txt"]["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(3, state)
+  ckpt.close()
+  saved = jax.device_get(state.params)
+  fresh = test_sharding._clip_config(pretrained_path=str(tmp_path))
+  params = train.get_task(fresh).init_params(jax.random.PRNGKey(7), batch)
+  assert _max_diff(saved, params) == 0.0
