@@ -17,8 +17,8 @@ import pytest
 
 from tests.input_pipeline import util
 from vit_jax import checkpoint
-from vit_jax.checkpoints_convert import core as checkpoints_core
 from vit_jax import train
+from vit_jax.checkpoints_convert import core as checkpoints_core
 from vit_jax.configs import vit as vit_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,45 +100,40 @@ def _truncate_largest_file(step_dir):
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, data_dir, caplog):
-  ref = str(tmp_path / "ref")
-  train.train_and_evaluate(_config(data_dir, 6, **FSDP8), ref)
   run = str(tmp_path / "run")
   train.train_and_evaluate(_config(data_dir, 4, **FSDP8), run)  # checkpoints 2 and 4
+  want = _params(run, 4)  # what the rerun of steps 3-4 must reproduce
   victim, _ = _truncate_largest_file(os.path.join(run, "checkpoints", "4"))
   with caplog.at_level(logging.WARNING):
-    train.train_and_evaluate(_config(data_dir, 6, **FSDP8), run)
+    train.train_and_evaluate(_config(data_dir, 4, **FSDP8), run)
   log = caplog.text
   assert "Checkpoint for step 4 cannot be read back" in log and victim in log, log
   assert "Resuming from the older checkpoint for step 2 instead of step 4" in log, log
   # Nothing is lost: the damaged checkpoint is kept beside the others, with the reason.
   kept = glob.glob(os.path.join(run, "checkpoints", "corrupt_4_*"))
   assert len(kept) == 1 and victim.split("/4/")[1] in open(os.path.join(kept[0], "WHY.txt")).read()
-  assert _max_diff(_params(ref, 6), _params(run, 6)) <= 1e-5
+  assert _max_diff(want, _params(run, 4)) <= 1e-5
 
 
 def test_damaged_only_checkpoint_is_one_clear_error(tmp_path, data_dir):
   run = str(tmp_path / "run")
   train.train_and_evaluate(_config(data_dir, 2, **FSDP8), run)
   victim, size = _truncate_largest_file(os.path.join(run, "checkpoints", "2"))
-  # In process: the error names the step, the file and what to do, with no chained traceback.
-  with pytest.raises(checkpoint.CheckpointReadError) as e:
-    train.train_and_evaluate(_config(data_dir, 4, **FSDP8), run)
-  msg = str(e.value)
-  assert "the checkpoint for step 2 is unreadable" in msg and victim in msg, msg
-  assert f"{size // 2} bytes, written with {size}" in msg and "Restore the file" in msg, msg
-  assert e.value.__cause__ is None and e.value.__context__ is None
-  # From the command line: a short traceback ending in that error (not hundreds of lines of
-  # "Event loop is closed").
+  # From the command line: a short traceback ending in one error that names the step, the file
+  # and what to do (not hundreds of lines of "Event loop is closed").
   cmd = [sys.executable, "-m", "vit_jax.main", f"--workdir={run}",
          "--config=vit_jax/configs/vit.py:nano4,fashion_mnist", f"--config.data_dir={data_dir}",
          "--config.batch=16", "--config.batch_eval=16", "--config.total_steps=4",
          "--config.mesh=(('fsdp', -1),)", "--config.sharding=fsdp", "--config.fsdp_min_size=0"]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
-  assert "CheckpointReadError: Cannot resume from" in out.stderr, out.stderr[-3000:]
-  traceback_lines = out.stderr[out.stderr.index("Traceback"):].splitlines()
-  assert len(traceback_lines) < 40, out.stderr[-5000:]
-  assert "Event loop is closed" not in out.stderr
+  err = out.stderr
+  assert "CheckpointReadError: Cannot resume from" in err, err[-3000:]
+  assert "the checkpoint for step 2 is unreadable" in err and victim in err, err[-3000:]
+  assert f"{size // 2} bytes, written with {size}" in err and "Restore the file" in err
+  traceback_lines = err[err.index("Traceback"):].splitlines()
+  assert len(traceback_lines) < 40, err[-5000:]
+  assert "Event loop is closed" not in err and "During handling" not in err
 
 
 def test_clip_checkpoint_saved_sharded_is_a_pretrained_path(tmp_path):
