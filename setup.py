@@ -12,6 +12,7 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
+        "etils[epath]",  # local and gs:// paths for workdirs and checkpoint manifests (orbax uses it too)
         "tensorflow-cpu>=2.21",  # the input pipeline only; JAX does the accelerator work
         "tensorboard>=2.21",  # clu's SummaryWriter needs it; tensorflow-cpu 2.21 does not pull it
         "tensorflow-datasets>=4.9.10",
