@@ -95,6 +95,7 @@ class ShardingPlan:
       raise ShardingError(f"config.sharding={strategy!r}: expected one of {STRATEGIES}.")
     self.mesh, self.strategy, self.fsdp_min_size = mesh, strategy, int(fsdp_min_size)
     self.rules = expand_rules(rules)
+    self._param_specs = {}
     sizes = dict(mesh.shape)
     for regex, spec in self.rules:
       for axis in (a for e in spec for a in _spec_axes(e)):
@@ -162,7 +163,14 @@ class ShardingPlan:
     return P(*self._fsdp(spec, shape, name=name, log=log))
 
   def param_specs(self, params: PyTree) -> PyTree:
-    """PartitionSpecs for a params tree; raises on a rule that matches no param or does not fit."""
+    """PartitionSpecs for a params tree; raises on a rule that matches no param or does not fit.
+    Computed once per tree structure and shapes (the loop asks at init, restore and each trace)."""
+    key = (jax.tree.structure(params), tuple(np.shape(x) for x in jax.tree.leaves(params)))
+    if key not in self._param_specs:
+      self._param_specs[key] = self._compute_param_specs(params)
+    return self._param_specs[key]
+
+  def _compute_param_specs(self, params: PyTree) -> PyTree:
     matched, unsplit = set(), []
     specs = jax.tree_util.tree_map_with_path(
         lambda p, x: self.leaf_spec(path_str(p), np.shape(x), strict=True, matched=matched,
