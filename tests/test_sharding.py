@@ -223,9 +223,8 @@ def test_bad_rule_names_the_param(rules, match):
     backend.put_state(state)
 
 
-def test_rules_from_the_command_line_and_fsdp_threshold():
-  # A rule list written as a Python literal, as `--config.sharding_rules=...` passes it, and the
-  # default size threshold: leaves under fsdp_min_size elements stay replicated.
+def test_rule_beats_fsdp_threshold():
+  # Leaves under fsdp_min_size elements stay replicated, unless a rule places them.
   config = _vit_config(mesh=[("fsdp", 8)], sharding="fsdp", fsdp_min_size=1024,
                        sharding_rules=[("cls$", (None, None, "fsdp"))])
   backend = parallel.get_backend(config)

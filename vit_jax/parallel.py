@@ -186,8 +186,8 @@ class ShardingPlan:
     return specs
 
   def tree_specs(self, tree: PyTree) -> PyTree:
-    """PartitionSpecs for any tree (no rule checks): a TrainState-like object with `params` and
-    `opt_state` gets the param specs, the optimizer state following them; other trees (eval-time
+    """PartitionSpecs for any tree (no rule checks): a TrainState (`step`, `params`, `opt_state`)
+    gets the param specs, the optimizer state following them; other trees (eval-time
     params, class embeddings) are placed leaf by leaf with the same rules."""
     if hasattr(tree, "params") and hasattr(tree, "opt_state"):
       param_specs = self.param_specs(tree.params)
@@ -203,9 +203,8 @@ class ShardingPlan:
             return hit[1]
         return self.leaf_spec("/".join(names), np.shape(x))
 
-      return tree.replace(params=param_specs,
-                          opt_state=jax.tree_util.tree_map_with_path(follow, tree.opt_state),
-                          **{k: P() for k in ("step",) if hasattr(tree, k)})
+      return tree.replace(params=param_specs, step=P(),
+                          opt_state=jax.tree_util.tree_map_with_path(follow, tree.opt_state))
     return jax.tree_util.tree_map_with_path(
         lambda p, x: self.leaf_spec(path_str(p), np.shape(x)), tree)
 
