@@ -1,6 +1,11 @@
 """vit_jax: fine-tune public ViT / CLIP / OWL-ViT checkpoints in JAX/Flax."""
 from setuptools import find_packages, setup
 
+# ONNX export (vit_jax/export.py): the converter, jax2onnx==0.17.1, is installed with --no-deps
+# (README, .ci/run): its metadata pins orbax-checkpoint<0.11.37, which only its own examples use.
+# These are what it imports, plus onnxruntime to run and int8-quantize the exports.
+EXPORT = ["onnx>=1.20.1", "onnx-ir>=1.0", "onnxruntime>=1.24.1"]
+
 setup(
     name="vit_jax",
     version="0.1.0",
@@ -27,6 +32,7 @@ setup(
         "ftfy>=6.3.1",  # CLIP text clean-up, as OpenAI; pure Python
         "pycocotools>=2.0.8",  # COCO mAP (evaluation/detection.py)
         "pillow",  # detection annotation checks and PNG visualisations
+        "tqdm",  # predict's progress bar (images/s)
     ],
     extras_require={
         # Parity tests against the PyTorch references. torch is pinned: this version's CPU wheel is
@@ -40,8 +46,10 @@ setup(
             "pillow",
             "instant-clip-tokenizer==0.1.1",  # independent CLIP token ids
             "scikit-image",  # bundled photos: the OWL-ViT demo set's backgrounds
+            *EXPORT,
         ],
         "torch": ["torch==2.13.0", "transformers==5.23.0"],
+        "export": EXPORT,
         "demo": ["scikit-image"],  # the OWL-ViT demo set (vit_jax/demos/tuxpaint_detection.py)
     },
 )

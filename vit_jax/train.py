@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
+from vit_jax import configs
 from vit_jax import evaluation
 from vit_jax import optim
 from vit_jax import parallel
@@ -302,6 +303,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> Dict[str, float
   """
   from vit_jax import input_pipeline  # lazy: imports TensorFlow
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or gs://bucket/...
+  if jax.process_index() == 0:  # predict.py and export.py rebuild the model from it
+    configs.save_run_config(config, workdir)
   _quiet_library_logs()
   _hide_accelerators_from_tf()
   backend = parallel.get_backend(config, devices)

@@ -284,7 +284,10 @@ def fit_to_model(ckpt: common.Checkpoint, model_config=None, *,
   h, w = vit._pair(image_size or ckpt.image_size())  # pylint: disable=protected-access
   model = vit.VisionTransformer(num_classes=num_classes, **models.model_kwargs(model_config),
                                 **dict(module_kwargs or {}))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3))))
+  stem = ckpt.params.get("embedding/kernel")  # [ph, pw, channels, width]: gray models have 1
+  channels = int(stem.shape[2]) if stem is not None and stem.ndim == 4 else 3
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, h, w, channels))))
   target = common.flatten(shapes["params"])
   params, fit_notes = fit(ckpt, target, grid=vit.posemb_grid(model_config, (h, w)),
                           resize_method=resize_method,

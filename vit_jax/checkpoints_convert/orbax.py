@@ -40,8 +40,9 @@ def is_orbax(path: str) -> bool:
   return step_dir(path) is not None
 
 
-def read_params(path: str) -> Dict[str, np.ndarray]:
-  """{'/'-joined param name: array} of the checkpoint `path` designates (see module doc)."""
+def read_tree(path: str) -> Dict[str, object]:
+  """The nested `params` tree (host numpy arrays, LoRA adapters included) of the checkpoint `path`
+  designates (see module doc), e.g. to predict with a run's own model."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import)
   step = step_dir(path)
   if step is None:
@@ -56,14 +57,18 @@ def read_params(path: str) -> Dict[str, np.ndarray]:
                                  f"{sorted(tree)}); not a vit_jax training checkpoint.")
   wanted = {"params": tree["params"]}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  params = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+  return ckptr.restore(item, args=ocp.args.PyTreeRestore(
       item=wanted, restore_args=restore_args, partial_restore=True))["params"]
+
+
+def read_params(path: str) -> Dict[str, np.ndarray]:
+  """{'/'-joined param name: array} of the checkpoint `path` designates (see module doc)."""
   flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+          for p, x in jax.tree_util.tree_leaves_with_path(read_tree(path))}
   lora = sorted(k for k in flat if k.startswith("lora/"))
   if lora:
     raise common.UnsupportedCheckpointError(
-        f"{step}: holds LoRA adapters ({lora[0]}, ...): merge them into the base weights first "
-        "(models/lora.merge_lora with the run's config.lora.alpha, then save or export the "
-        "merged params), since the file does not record alpha.")
+        f"{step_dir(path)}: holds LoRA adapters ({lora[0]}, ...): merge them into the base "
+        "weights first (models/lora.merge_lora with the run's config.lora.alpha, then save or "
+        "export the merged params), since the file does not record alpha.")
   return flat

@@ -25,3 +25,42 @@ def get_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+RUN_CONFIG = "config.json"  # a run's config, in its workdir (train.py writes it, predict reads it)
+
+
+def _tuples(x):
+  """JSON has no tuples; configs keep sequences as tuples (command-line settable)."""
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuples(v) for v in x)
+  return x
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes `config` to `workdir/config.json` (atomically: a temporary file, then a rename)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / RUN_CONFIG
+  tmp = path.parent / (RUN_CONFIG + ".tmp")
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  tmp.replace(path)  # a resumed run rewrites it
+  return str(path)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` trained with (its `config.json`), locked as `get_config`'s."""
+  import json  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / RUN_CONFIG
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: not a workdir of `vit_jax.main` (runs write "
+                            "their config there when they start); pass --config= and "
+                            "--checkpoint= instead.")
+  try:
+    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  except ValueError as e:
+    raise ValueError(f"{path}: not a readable config ({e}).") from e
+  config.lock()
+  return config

@@ -368,3 +368,47 @@ def make_eval_data(config, split: str | None = None, process_index: int = 0,
   logging.info("eval %s: %d examples, %d batches of %d per process", source.description,
                source.num_examples, num_batches, batch)
   return EvalData(ds, source, source.num_examples, num_batches, batch, start, stop)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction on image files (predict.py).
+
+# Ops that make training targets (labels, captions, queries, boxes) or pick keys, not the model's
+# input: prediction on unlabelled files runs pp.test without them.
+TARGET_OPS = ("onehot", "class_caption", "tokenize", "det_queries", "pad_boxes", "keep", "drop")
+
+
+def image_ops(config, channels: int | None = None) -> list:
+  """config.pp.test's ops that make the model's input image (see TARGET_OPS); `decode` gives
+  `channels` (the model's) unless the pp string sets it."""
+  defaults = _op_defaults(config)
+  if channels is not None:
+    defaults["decode"] = {"channels": channels}
+  _detection()
+  return [op for op in ops_lib.parse(config.pp.test, defaults) if op.name not in TARGET_OPS]
+
+
+def make_file_dataset(config, paths: list[str], batch_size: int, *,
+                      channels: int | None = None) -> tf.data.Dataset:
+  """Batches of {"image", "orig_size" int32 [2] (height, width as decoded), "_index" int64 (the
+  position in `paths`)} from image files through `image_ops`, in order. A file that cannot be
+  read or decoded is left out, never an error (`tf.data.Dataset.ignore_errors`): the `_index`es
+  missing from the output are those files, and `sources.find_bad_images` says why."""
+  ops = image_ops(config, channels)
+  paths_t = tf.constant(list(paths) or [""])
+  base = _seed_base(config.seed, -1)
+
+  def load(i):
+    data = {"image": tf.io.read_file(paths_t[i])}
+    seed = tf.random.experimental.stateless_fold_in(base, i)
+    orig_size = None
+    for op in ops:
+      data = op(data, seed)
+      if orig_size is None and data["image"].dtype != tf.string:  # just decoded
+        orig_size = tf.shape(data["image"])[:2]
+    return {"image": data["image"], "orig_size": tf.cast(orig_size, tf.int32), "_index": i}
+
+  ds = tf.data.Dataset.range(len(paths)).map(load, num_parallel_calls=AUTOTUNE,
+                                              deterministic=True)
+  return (ds.ignore_errors().batch(batch_size).prefetch(config.prefetch)
+          .with_options(_options(config)))

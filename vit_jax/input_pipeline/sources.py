@@ -15,6 +15,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import types
 from typing import Callable
 
@@ -262,6 +263,14 @@ def _load_idx_split(data_dir: str, split_name: str, mtime_key) -> tuple[np.ndarr
   return images, labels
 
 
+def load_idx_split(data_dir: str, split_name: str) -> tuple[np.ndarray, np.ndarray]:
+  """images uint8 [n, rows, cols, 1], labels int64 [n] of split 'train' or 'test' of MNIST-format
+  files in `data_dir`."""
+  if split_name not in IDX_SPLIT_PREFIX:
+    raise ValueError(f"idx split {split_name!r}: expected one of {list(IDX_SPLIT_PREFIX)}.")
+  return _load_idx_split(data_dir, split_name, None)
+
+
 def _idx_path(data_dir: str, stem: str) -> str:
   for name in (stem + ".gz", stem):
     if os.path.exists(os.path.join(data_dir, name)):
@@ -381,6 +390,12 @@ def _list_images(directory: str) -> list[str]:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
 
 
+def _folder_classes(roots: dict[str, str]) -> list[str]:
+  """The class-folder names over all split sub-folders, sorted: class id k is the k-th."""
+  return sorted({c for r in roots.values() for c in os.listdir(r)
+                 if os.path.isdir(os.path.join(r, c))})
+
+
 def folder_source(config, split: str) -> Source:
   """Images in `config.data_dir/CLASS/*.jpg` (one split, 'train', to slice by ratio such as
   'train[:90%]'), or in `config.data_dir/SPLIT/CLASS/*.jpg` (sub-folders train/, val/, ...).
@@ -393,8 +408,7 @@ def folder_source(config, split: str) -> Source:
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(f"{where}: directory does not exist (config.data_dir={root!r}).")
   roots = split_roots(root)
-  classes = sorted({c for r in roots.values() for c in os.listdir(r)
-                    if os.path.isdir(os.path.join(r, c))})
+  classes = _folder_classes(roots)
   if not classes:
     raise ValueError(f"{where}: no class sub-folders in {sorted(roots.values())}.")
 
@@ -409,6 +423,18 @@ def folder_source(config, split: str) -> Source:
   sizes = {name: len(listing(name)[0]) for name in roots}
   logging.info("%s: %d classes, split sizes %s", where, len(classes), sizes)
   return _file_source(config, split, where, sizes, listing)
+
+
+def _numeric(labels) -> bool:
+  return all(l.lstrip("-").isdigit() for l in labels)
+
+
+def _listing_labels(path: str) -> list[str]:
+  """The label column of a csv / jsonl listing (class names or integer ids, as strings)."""
+  with open(path) as f:
+    if path.endswith(".csv"):
+      return [str(r.get("label", "")).strip() for r in csv.DictReader(f)]
+    return [str(json.loads(line).get("label", "")).strip() for line in f if line.strip()]
 
 
 def listing_source(config, split: str) -> Source:
@@ -445,7 +471,7 @@ def listing_source(config, split: str) -> Source:
     return [(os.path.join(root, p), str(l).strip(), at) for p, l, at in out]
 
   all_labels = {l for n in names for _, l, _ in rows(n)}
-  numeric = all(l.lstrip("-").isdigit() for l in all_labels)
+  numeric = _numeric(all_labels)
   class_ids = None if numeric else {c: k for k, c in enumerate(sorted(all_labels))}
 
   def listing(name):
@@ -454,6 +480,13 @@ def listing_source(config, split: str) -> Source:
 
   sizes = {n: len(rows(n)) for n in names}
   return _file_source(config, split, where, sizes, listing)
+
+
+def _op_error(e: Exception) -> str:
+  """TF's message without its '{{function_node ...}}' prefix and '[Op:...]' suffix."""
+  text = getattr(e, "message", str(e)).strip().splitlines()[0]
+  text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+  return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text) or "unreadable"
 
 
 def find_bad_images(paths: list[str], channels: int = 3) -> list[tuple[str, str]]:
@@ -473,5 +506,29 @@ def find_bad_images(paths: list[str], channels: int = 3) -> list[tuple[str, str]
       tf.io.decode_image(tf.io.read_file(paths[i]), channels=channels, expand_animations=False)
       bad.append((paths[i], "unknown error"))
     except (tf.errors.OpError, ValueError) as e:
-      bad.append((paths[i], getattr(e, "message", str(e)).strip().splitlines()[0]))
+      bad.append((paths[i], _op_error(e)))
   return bad
+
+
+def class_names(config) -> list[str] | None:
+  """Class names in label order, from where the data says them: tfds label names, image-folder
+  names, the names in csv / jsonl listings, the built-in lists of `ops.CLASSNAMES` (idx data);
+  None when the data has none (integer labels) or cannot be reached (predicting away from it)."""
+  kind, root = config.data_source, config.get("data_dir")
+  try:
+    if kind == "tfds":
+      builder = tfds.builder(config.dataset, data_dir=config.tfds_data_dir)
+      label = builder.info.features.get("label") if builder.is_prepared() else None
+      return list(label.names) if getattr(label, "names", None) else None
+    if kind == "folder" and root and os.path.isdir(root):
+      return _folder_classes(split_roots(root)) or None
+    if kind in ("csv", "jsonl") and root and os.path.isdir(root):
+      labels = {l for f in os.listdir(root) if f.endswith("." + kind)
+                for l in _listing_labels(os.path.join(root, f))}
+      return None if not labels or _numeric(labels) else sorted(labels)
+  except (OSError, ValueError, tfds.core.registered.DatasetNotFoundError) as e:
+    logging.warning("No class names from %s data in %s: %s", kind, root, e)
+    return None
+  from vit_jax.input_pipeline import ops  # pylint: disable=g-import-not-at-top
+  names = ops.CLASSNAMES.get(config.dataset)
+  return list(names) if names else None

@@ -84,7 +84,9 @@ class TextTransformer(nn.Module):
       eot = jnp.argmax(tokens, axis=-1)  # the first maximum, as torch's argmax
     else:
       eot = jnp.argmax(tokens == self.eot_token_id, axis=-1)  # the first match (0 if none)
-    pooled = x[jnp.arange(x.shape[0]), eot]  # [batch, width]
+    # take_along_axis rather than x[arange(batch), eot]: no array of the batch size, so the
+    # function stays shape-polymorphic for exports with a dynamic batch.
+    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]  # [batch, width]
     if self.embed_dim is not None:
       pooled = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                         param_dtype=self.param_dtype,

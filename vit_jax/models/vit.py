@@ -148,7 +148,9 @@ class MultiHeadDotProductAttention(nn.Module):
     # One [width, 3*heads*head_dim] GEMM instead of three DenseGeneral einsums.
     qkv_kernel = jnp.concatenate([k.reshape(width, heads * head_dim) for k in (qk, kk, vk)], axis=1)
     qkv_bias = jnp.concatenate([b.reshape(heads * head_dim) for b in (qb, kb, vb)])
-    x = x.astype(self.dtype)
+    # GEMMs on [batch * tokens, width] rows: the same XLA program (the reshapes are bitcasts),
+    # and ONNX exporters then emit MatMul, which int8 quantizers handle (not Einsum).
+    x = x.astype(self.dtype).reshape(batch * tokens, width)
     qkv = x @ qkv_kernel.astype(self.dtype) + qkv_bias.astype(self.dtype)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
@@ -160,8 +162,9 @@ class MultiHeadDotProductAttention(nn.Module):
         q, k, v, mask=mask, is_causal=self.is_causal, dropout_rate=self.dropout_rate,
         dropout_rng=dropout_rng,
         deterministic=deterministic, implementation=self.attention_impl)
-    out = out.reshape(batch, tokens, heads * head_dim)
-    return out @ ok.reshape(heads * head_dim, width).astype(self.dtype) + ob.astype(self.dtype)
+    out = out.reshape(batch * tokens, heads * head_dim)
+    out = out @ ok.reshape(heads * head_dim, width).astype(self.dtype) + ob.astype(self.dtype)
+    return out.reshape(batch, tokens, width)
 
 
 class Encoder1DBlock(nn.Module):
@@ -445,3 +448,18 @@ def posemb_grid(model_config, image_size) -> Tuple[int, int]:
   h, w = _pair(image_size)
   ph, pw = _pair(model_config.patches.size)
   return h // ph, w // pw
+
+
+def input_shape(params, model_config) -> Tuple[int, int, int]:
+  """(height, width, channels) of the images a ViT's params were made for: the channels from the
+  patch embedding, the size from the position embeddings (a square grid; a non-square model's
+  size is not recoverable from its params, so callers let the user give it)."""
+  ph, pw = _pair(model_config.patches.size)
+  channels = int(params["embedding"]["kernel"].shape[2])
+  tokens = int(params["Transformer"]["posembed_input"]["pos_embedding"].shape[1])
+  tokens -= 1 if "cls" in params else 0
+  side = int(round(tokens ** 0.5))
+  if side * side != tokens:
+    raise ValueError(f"The position embeddings hold {tokens} patch tokens, not a square grid: "
+                     "give the image size explicitly.")
+  return side * ph, side * pw, channels

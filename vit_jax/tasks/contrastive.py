@@ -10,6 +10,7 @@ The task interface is classification.py's: `init_params`, `loss_fn`, `evaluators
   evaluation, then top-1/top-5 over the eval split's labelled images) and "retrieval" (every
   image and caption of the eval split embedded, then R@1/5/10 both ways on the host).
 """
+import os
 from typing import Any, Dict, Tuple
 
 from absl import logging
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import losses
+from vit_jax import tasks
 from vit_jax import parallel
 from vit_jax import evaluation
 from vit_jax.configs import models as model_configs
@@ -161,3 +163,91 @@ class ContrastiveTask:
       raise ValueError(f"config.evals={list(self.config.evals)}: unknown {unknown}; expected "
                        f"any of {sorted(builders)}.")
     return {name: builders[name]() for name in self.config.evals}
+
+  # -- using the trained model (predict.py, export.py) ---------------------------------------
+
+  def logit_scale(self, params) -> float:
+    """The multiplier of the cosine similarities, clamped as in the model (CLIP: <= 100)."""
+    log_scale = float(np.asarray(params["logit_scale"]))
+    if self.model.max_logit_scale is not None:
+      log_scale = min(log_scale, float(np.log(self.model.max_logit_scale)))
+    return float(np.exp(log_scale))
+
+  def predict_head(self, params, options) -> tasks.PredictHead:
+    """Zero-shot over options["labels"] (prompt-ensembled through options["templates"], default
+    config.zeroshot.templates; scores are CLIP's softmax over the labels, or SigLIP's sigmoids),
+    or retrieval over options["texts"] (scores are cosine similarities). top_k (default 5).
+    Records: {"top_k": [{"label", "index", "score"}, ...]} (zero-shot also "class", "label": the
+    best one); the image embedding is in the outputs
+    (`Predictor.predict_arrays`) for other uses."""
+    labels, texts = list(options.get("labels") or ()), list(options.get("texts") or ())
+    if bool(labels) == bool(texts):
+      raise ValueError("CLIP predictions need either labels (zero-shot classification) or texts "
+                       f"(retrieval), one of the two; found {len(labels)} labels and {len(texts)} "
+                       "texts.")
+    k = int(options.get("top_k") or 5)
+    encode_text = jax.jit(self.encode_text)
+    templates = (options.get("templates") or self.config.zeroshot.templates) if labels else ("{}",)
+    names = labels or texts
+    # One template "{}" embeds each text as it is (class_embeddings then only normalises).
+    text_embeds = zeroshot.class_embeddings(lambda t: encode_text(params, t),
+                                            self.tokenizer.encode, names, templates)
+    zero_shot, sigmoid = bool(labels), self.config.contrastive_loss == "sigmoid"
+    scale = self.logit_scale(params)
+    bias = float(np.asarray(params["logit_bias"])) if "logit_bias" in params else 0.0
+
+    def fn(params, text_embeds, images):
+      image = clip.l2_normalize(self.encode_image(params, images))
+      cosine = image @ text_embeds.T  # [batch, labels or texts]
+      if not zero_shot:
+        scores = cosine
+      elif sigmoid:
+        scores = jax.nn.sigmoid(scale * cosine + bias)
+      else:
+        scores = jax.nn.softmax(scale * cosine, axis=-1)
+      return {"scores": scores, "image_embeds": image}
+
+    def records(out, info):
+      del info
+      tops = tasks.top_k_labels(out["scores"], names, k)
+      if not zero_shot:
+        return [{"top_k": top} for top in tops]
+      return [{"class": top[0]["index"], "label": top[0]["label"], "top_k": top} for top in tops]
+
+    return tasks.PredictHead(fn=fn, aux=text_embeds.astype(np.float32), records=records,
+                             summary=lambda r: tasks.format_top(r["top_k"]))
+
+  def export_functions(self, params, image_shape=None):
+    """{"encode_image": images float32 [batch, S, S, 3] -> L2-normalised embeddings,
+    "encode_text": int32 tokens [batch, context] -> L2-normalised embeddings}."""
+    params = self.model_params(params)  # LoRA folded in
+    size = int(self.config.model.image_size)
+    shape = tuple(image_shape or (size, size, 3))
+    length = int(self.config.context_length)
+    tower = lambda method: lambda x: {"embeddings": clip.l2_normalize(
+        self.model.apply({"params": params}, x, method=method))}
+    note = (f"Similarity logits = {self.logit_scale(params):.6g} * image @ text.T"
+            + (f" + {float(np.asarray(params['logit_bias'])):.6g}" if "logit_bias" in params
+               else "") + ".")
+    return {
+        "encode_image": tasks.ExportFunction(
+            tower(clip.CLIP.encode_image), (("images", ("batch",) + shape, "float32"),),
+            f"images: float32 [batch, {shape[0]}, {shape[1]}, {shape[2]}], preprocessed as "
+            f"config.pp.test without its label ops: {self.config.pp.test!r}. Output: "
+            f"L2-normalised embeddings [batch, {self.config.model.embed_dim}]. {note}"),
+        "encode_text": tasks.ExportFunction(
+            tower(clip.CLIP.encode_text), (("tokens", ("batch", length), "int32"),),
+            f"tokens: int32 [batch, {length}], CLIP BPE ids from vit_jax.input_pipeline.tokenizer "
+            f"(context {length}, zero-padded; file config.tokenizer_path). Output: L2-normalised "
+            f"embeddings [batch, {self.config.model.embed_dim}]. {note}"),
+    }
+
+  def write_checkpoint(self, params, fmt: str, out: str) -> str:
+    """hf: a CLIPModel directory; npz: our CLIP names (LoRA folded in either way)."""
+    from vit_jax.checkpoints_convert import clip as clip_convert  # pylint: disable=g-import-not-at-top
+    params = jax.tree.map(np.asarray, self.model_params(params))
+    if fmt == "hf":
+      return clip_convert.export_hf_clip(params, self.config.model, out)
+    path = os.path.join(out, "params.npz")
+    clip_convert.export_npz(params, self.config.model, path)
+    return path

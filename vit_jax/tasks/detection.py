@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import losses
+from vit_jax import tasks
 from vit_jax import parallel
 from vit_jax.configs import models as model_configs
 from vit_jax.models import clip
@@ -222,3 +223,113 @@ class DetectionTask:
         report_threshold=d.report_threshold, num_images=d.num_visualizations)
     ev.prepare = lambda params: jnp.asarray(self.ensemble_embeddings(params))
     return {"coco": ev}
+
+  # -- using the trained model (predict.py, export.py) ---------------------------------------
+
+  def query_embeddings(self, params, queries=(), query_image=None, query_box=None):
+    """[Q, embed_dim] query embeddings and their names: text queries (L2-normalised text
+    embeddings, as the model embeds text queries), or one image query: the class embedding of the
+    token whose predicted box best fits `query_box` (cx, cy, w, h in [0, 1] of the preprocessed
+    `query_image` [S, S, 3]; OWL-ViT's one-shot heuristic, `OwlViT.embed_image_query`)."""
+    if bool(queries) == (query_image is not None):
+      raise ValueError("OWL-ViT predictions need either text queries or a query image with a "
+                       f"query box, one of the two; found {len(queries)} text queries and "
+                       f"{'a' if query_image is not None else 'no'} query image.")
+    if queries:
+      tokens = self.tokenizer.encode(list(queries))
+      return np.asarray(clip.l2_normalize(self._embed_text(params, tokens))), list(queries)
+    box = np.asarray(query_box, np.float32).reshape(1, 4)
+    embed, _ = jax.jit(lambda p, im, b: self.model.apply(
+        {"params": self.model_params(p)}, im, b, method=owl_vit.OwlViT.embed_image_query))(
+            params, jnp.asarray(query_image, jnp.float32)[None], box)
+    return np.asarray(embed), ["query"]
+
+  def predict_head(self, params, options) -> tasks.PredictHead:
+    """options: queries (text) or query_image + query_box (see `query_embeddings`); threshold
+    (default config.detection.report_threshold), top_k (default config.detection.top_k), nms_iou
+    (default config.detection.nms_iou). Records: {"detections": [{"label", "query", "score",
+    "box": COCO pixel [x, y, w, h] in the file's own pixels}, ...], best first}."""
+    from vit_jax.evaluation import detection as det_eval  # lazy: pycocotools
+    d = self.config.detection
+    query_embeds, names = self.query_embeddings(
+        params, options.get("queries") or (), options.get("query_image"),
+        options.get("query_box"))
+    threshold = options.get("threshold")
+    threshold = d.report_threshold if threshold is None else float(threshold)
+    k = int(options.get("top_k") or d.top_k)
+    nms_iou = options.get("nms_iou", d.nms_iou)
+
+    def fn(params, query_embeds, images):
+      pred_logits, pred_boxes = self.predict(params, query_embeds, images)
+      return det_eval.top_k_detections(pred_logits, pred_boxes, k)
+
+    def records(outputs, info):
+      dets = det_eval.postprocess(outputs, score_threshold=threshold, nms_iou=nms_iou,
+                                  max_detections=k)
+      out = []
+      for image_dets, (h, w) in zip(dets, info["orig_size"]):
+        boxes = det_eval.to_pixel_xywh(image_dets["boxes"], int(h), int(w))
+        out.append({"detections": [
+            {"label": names[int(c)], "query": int(c), "score": float(sc),
+             "box": [round(float(v), 2) for v in b]}
+            for sc, c, b in zip(image_dets["scores"], image_dets["classes"], boxes)]})
+      return out
+
+    def summary(r):
+      dets = r["detections"]
+      if not dets:
+        return f"no box >= {threshold:g}"
+      return f"{len(dets)} boxes: " + ", ".join(f"{x['label']} {x['score']:.2f}" for x in dets[:3])
+
+    def draw(pixels, record, path):
+      dets = record["detections"]
+      return det_eval.draw_detections(pixels, [x["box"] for x in dets],
+                                      [x["label"] for x in dets], [x["score"] for x in dets], path)
+
+    return tasks.PredictHead(fn=fn, aux=query_embeds.astype(np.float32), records=records,
+                             summary=summary, draw=draw)
+
+  def export_functions(self, params, image_shape=None):
+    """{"detect": images float32 [batch, S, S, 3] and query tokens int32 [queries, context] ->
+    logits [batch, patches, queries], boxes [batch, patches, 4] (cx, cy, w, h in [0, 1] of the
+    padded square)}."""
+    params = self.model_params(params)
+    size = int(self.config.model.image_size)
+    shape = tuple(image_shape or (size, size, 3))
+    length = int(self.config.context_length)
+
+    def detect(images, query_tokens):
+      variables = {"params": params}
+      # The text tower runs once per query, not once per (image, query).
+      embeds = clip.l2_normalize(self.model.apply(variables, query_tokens,
+                                                  method=owl_vit.OwlViT.embed_text))
+      b = images.shape[0]
+      out = self.model.apply(
+          variables, images, None, query_embeds=jnp.broadcast_to(embeds[None],
+                                                                 (b,) + embeds.shape),
+          query_mask=jnp.broadcast_to(query_tokens[None, :, 0] > 0, (b, query_tokens.shape[0])))
+      result = {"logits": out["pred_logits"], "boxes": out["pred_boxes"]}
+      if "objectness_logits" in out:
+        result["objectness_logits"] = out["objectness_logits"]
+      return result
+
+    doc = (f"images: float32 [batch, {shape[0]}, {shape[1]}, {shape[2]}], preprocessed as "
+           f"config.pp.test without its box ops: {self.config.pp.test!r} (pad bottom/right to a "
+           f"square, resize, CLIP normalisation). query_tokens: int32 [queries, {length}], CLIP "
+           "BPE ids (vit_jax.input_pipeline.tokenizer; a row starting with 0 is padding). "
+           "Outputs: logits [batch, patches, queries] (score = sigmoid(logit)), boxes [batch, "
+           "patches, 4] cx, cy, w, h in [0, 1] of the padded square (x max(height, width) for "
+           "pixels).")
+    return {"detect": tasks.ExportFunction(
+        detect, (("images", ("batch",) + shape, "float32"),
+                 ("query_tokens", ("queries", length), "int32")), doc)}
+
+  def write_checkpoint(self, params, fmt: str, out: str) -> str:
+    """hf: an OwlViT / Owlv2 ForObjectDetection directory (LoRA folded in)."""
+    from vit_jax.checkpoints_convert import owl_vit as owl_convert  # pylint: disable=g-import-not-at-top
+    if fmt != "hf":
+      raise ValueError(f"--format={fmt}: OWL-ViT params export as hf (an HF detector directory, "
+                       "which checkpoints_convert reads back); a workdir's checkpoints/ folder "
+                       "is itself a pretrained_path.")
+    params = jax.tree.map(np.asarray, self.model_params(params))
+    return owl_convert.export_hf_owl_vit(params, self.config.model, out)
