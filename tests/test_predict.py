@@ -160,8 +160,15 @@ def test_clip_zero_shot_and_retrieval(tmp_path):
   for rec, row in zip(r.records, sims):
     assert [t["label"] for t in rec["top_k"]] == [texts[i] for i in np.argsort(-row)]
     np.testing.assert_allclose([t["score"] for t in rec["top_k"]], np.sort(row)[::-1], atol=1e-5)
+  # No labels: the run's own zero-shot classes (Fashion-MNIST's); labels and texts: refused.
+  default = predict.Predictor(c, params, templates=templates).predict_files(files[:1],
+                                                                            progress=False)
+  assert len(default.records[0]["top_k"]) == 5 and default.records[0]["label"] in (
+      "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+      "Ankle boot")
   with pytest.raises(ValueError, match="either labels"):
-    predict.Predictor(c, params).predict_files(files[:1], progress=False)
+    predict.Predictor(c, params, labels=labels, texts=texts).predict_files(files[:1],
+                                                                           progress=False)
 
 
 def test_owl_vit_text_and_image_queries(tmp_path):
@@ -203,3 +210,21 @@ def test_owl_vit_text_and_image_queries(tmp_path):
   with pytest.raises(ValueError, match="inside the"):
     predict.Predictor(c, params, query_image=files[0], query_box=[0, 0, 500, 5]).predict_files(
         files[:1], progress=False)
+
+
+def test_class_names_from_folders_and_listings(tmp_path):
+  for name in ("zebra", "apple", "mango"):
+    (tmp_path / "folder" / "train" / name).mkdir(parents=True)
+  (tmp_path / "folder" / "val" / "kiwi").mkdir(parents=True)
+  folder = util.make_config(str(tmp_path / "folder"), data_source="folder")
+  assert sources.class_names(folder) == ["apple", "kiwi", "mango", "zebra"]  # class ids' order
+  (tmp_path / "csv").mkdir()
+  (tmp_path / "csv" / "train.csv").write_text("path,label\na.png,dog\nb.png,cat\n")
+  (tmp_path / "csv" / "test.csv").write_text("path,label\nc.png,bird\n")
+  assert sources.class_names(util.make_config(str(tmp_path / "csv"), data_source="csv")) == [
+      "bird", "cat", "dog"]
+  (tmp_path / "ids").mkdir()
+  (tmp_path / "ids" / "train.csv").write_text("path,label\na.png,0\nb.png,1\n")
+  assert sources.class_names(util.make_config(str(tmp_path / "ids"), data_source="csv")) is None
+  fmnist = util.make_config(None, dataset="fashion_mnist")
+  assert sources.class_names(fmnist)[7] == "Sneaker"

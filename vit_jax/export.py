@@ -234,12 +234,8 @@ def load_for_export(workdir: Optional[str], config=None, checkpoint: Optional[st
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "A run's workdir: its config.json and checkpoints.")
-  config_flags.DEFINE_config_file("config", None, "Config file (instead of, or over, the "
-                                  "workdir's config.json).", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "With --workdir: latest (default), best, or a step. "
-                      "With --config: any checkpoint file or folder checkpoints_convert reads.")
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  predict.define_model_flags()
   flags.DEFINE_enum("format", None, FORMATS, "What to write.")
   flags.DEFINE_string("out", None, "Output folder (default: <workdir>/export/<format>).")
   flags.DEFINE_string("quantize", None, "int8: also write onnxruntime's dynamic int8 model.")
@@ -259,8 +255,12 @@ def main(argv) -> None:
   shape = tuple(int(v) for v in size.split(",")) if size else None
   if shape is not None and len(shape) == 2:
     shape = shape + (3,)
-  config, params = load_for_export(f.workdir, f.config, f.checkpoint, shape)
-  out = f.out or os.path.join(f.workdir or ".", "export", f.format)
+  workdir = os.path.expanduser(f.workdir) if f.workdir else None
+  checkpoint = f.checkpoint
+  if checkpoint and not workdir:
+    checkpoint = os.path.expanduser(checkpoint)
+  config, params = load_for_export(workdir, f.config, checkpoint, shape)
+  out = f.out or os.path.join(workdir or ".", "export", f.format)
   written = export(config, params, f.format, os.path.expanduser(out), image_shape=shape,
                    quantize=f.quantize, platforms=f.platforms)
   for what, path in written.items():

@@ -118,6 +118,7 @@ class Predictor:
   @classmethod
   def from_workdir(cls, workdir: str, checkpoint: Union[str, int] = "latest", **kwargs):
     """The run in `workdir` (its config.json), at its latest / best / given-step checkpoint."""
+    workdir = os.path.expanduser(workdir)
     config = configs.load_run_config(workdir)
     return cls(config, restore_params(workdir, checkpoint), **kwargs)
 
@@ -173,6 +174,7 @@ class Predictor:
   def _query_image(self, path: str, box) -> Tuple[np.ndarray, np.ndarray]:
     """The preprocessed query image [S, S, 3] and its box (x, y, w, h pixels, default the whole
     image) as cx, cy, w, h in [0, 1] of the padded square that pp.test's pad_to_square makes."""
+    path = os.path.expanduser(path)
     batches = list(self._file_batches([path], 1))
     if not batches:
       from vit_jax.input_pipeline import sources  # pylint: disable=g-import-not-at-top
@@ -187,6 +189,11 @@ class Predictor:
     side = float(max(h, w))
     return image, np.array([(x + bw / 2) / side, (y + bh / 2) / side, bw / side, bh / side],
                            np.float32)
+
+  @property
+  def head(self):
+    """The task's `PredictHead` (tasks/__init__.py), once the first images have been seen."""
+    return self._head
 
   # -- running ------------------------------------------------------------------------------
 
@@ -357,7 +364,8 @@ def _list_flag(value: Optional[str]) -> List[str]:
   return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _define_flags():
+def define_model_flags():
+  """--workdir, --config, --checkpoint: which model predict and export use."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "A run's workdir: its config.json and checkpoints.")
@@ -366,6 +374,12 @@ def _define_flags():
                                   lock_config=True)
   flags.DEFINE_string("checkpoint", None, "With --workdir: latest (default), best, or a step. "
                       "With --config: any checkpoint file or folder checkpoints_convert reads.")
+  return flags.FLAGS
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  define_model_flags()
   flags.DEFINE_multi_string("images", None, "Image files: a glob ('photos/*.jpg'); repeatable.")
   flags.DEFINE_string("data", None, "Instead of --images: a split of the config's dataset.")
   flags.DEFINE_string("out", None, "Write the predictions here, one JSON object per line.")
@@ -416,30 +430,32 @@ def main(argv) -> None:
     raise flags.ValidationError(f"--query-box {box!r}: expected x,y,w,h.")
   options = {k: v for k, v in options.items() if v not in (None, [], "")}
   kwargs = dict(batch_size=f["batch-size"].value, **options)
-  if f.workdir and f.config is None:
-    predictor = Predictor.from_workdir(f.workdir, f.checkpoint or "latest", **kwargs)
-  elif f.workdir:
-    predictor = Predictor(f.config, restore_params(f.workdir, f.checkpoint or "latest"), **kwargs)
+  workdir = os.path.expanduser(f.workdir) if f.workdir else None
+  if workdir and f.config is None:
+    predictor = Predictor.from_workdir(workdir, f.checkpoint or "latest", **kwargs)
+  elif workdir:
+    predictor = Predictor(f.config, restore_params(workdir, f.checkpoint or "latest"), **kwargs)
   else:
     if not f.checkpoint:
       raise flags.ValidationError("--config needs --checkpoint (a file or folder) or --workdir.")
-    predictor = Predictor(f.config, checkpoint_path=f.checkpoint, **kwargs)
+    predictor = Predictor(f.config, checkpoint_path=os.path.expanduser(f.checkpoint), **kwargs)
 
+  out = os.path.expanduser(f.out) if f.out else None
   if f.images:
     files = expand_images(f.images)
-    png_dir = f["png-dir"].value or (os.path.splitext(f.out)[0] + "_png" if f.out else None)
-    result = predictor.predict_files(files, out=f.out, draw_dir=png_dir, progress=f.progress)
+    png_dir = f["png-dir"].value or (os.path.splitext(out)[0] + "_png" if out else None)
+    result = predictor.predict_files(files, out=out, draw_dir=png_dir and os.path.expanduser(
+        png_dir), progress=f.progress)
   else:
-    result = predictor.predict_data(f.data, out=f.out, progress=f.progress)
-  print(format_table(result.records, predictor._head.summary if predictor._head else str))  # pylint: disable=protected-access
+    result = predictor.predict_data(f.data, out=out, progress=f.progress)
+  print(format_table(result.records, predictor.head.summary if predictor.head else str))
   print(f"{len(result.records)} images in {result.seconds:.1f} s ({result.images_per_second:.1f} "
-        f"images/s){'; predictions in ' + f.out if f.out else ''}")
+        f"images/s){'; predictions in ' + out if out else ''}")
   if f.data and result.records and "label_true" in result.records[0] and "class" in result.records[0]:
     correct = sum(r["class"] == r["label_true"] for r in result.records)
     print(f"top-1 on {f.data}: {correct / len(result.records):.2%} ({correct} / "
           f"{len(result.records)})")
-  names = options.get("labels") or (predictor.task.class_names()
-                                    if hasattr(predictor.task, "class_names") else None)
+  names = predictor.head.class_names if predictor.head else None
   if f.images and names and result.records:
     correct, counted = folder_accuracy(result.records, names)
     if counted:

@@ -5,6 +5,7 @@ import tensorflow_datasets as tfds
 
 from tests.input_pipeline import util
 from vit_jax import input_pipeline
+from vit_jax.input_pipeline import sources
 
 
 class VitJaxTinyImages(tfds.core.GeneratorBasedBuilder):
@@ -74,3 +75,8 @@ def test_tfds_not_prepared_does_not_download(tmp_path):
 def test_tfds_more_classes_than_config(tfds_dir):
   with pytest.raises(ValueError, match="has 10 classes but config.num_classes=5"):
     input_pipeline.make_eval_data(tfds_config(tfds_dir, num_classes=5), "test")
+
+
+def test_class_names_are_the_label_feature_names(tfds_dir):
+  # ClassLabel(num_classes=10) names its classes "0".."9": what predict prints for this data.
+  assert sources.class_names(tfds_config(tfds_dir)) == [str(i) for i in range(10)]

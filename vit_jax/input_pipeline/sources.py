@@ -518,7 +518,8 @@ def class_names(config) -> list[str] | None:
   try:
     if kind == "tfds":
       builder = tfds.builder(config.dataset, data_dir=config.tfds_data_dir)
-      label = builder.info.features.get("label") if builder.is_prepared() else None
+      features = builder.info.features if builder.is_prepared() else {}
+      label = features["label"] if "label" in features else None
       return list(label.names) if getattr(label, "names", None) else None
     if kind == "folder" and root and os.path.isdir(root):
       return _folder_classes(split_roots(root)) or None

@@ -24,12 +24,15 @@ class PredictHead:
     (numpy), info is {"orig_size": int [n, 2] (height, width) of the files as decoded}.
   summary(record) -> a short line for the printed table.
   draw(pixels uint8 [h, w, 3], record, path): optional, writes a PNG of the record (detection).
+  class_names: when records name one class each ("class": its index), the names in index order
+    (predict then scores files in class-named folders).
   """
   fn: Callable
   records: Callable[[Dict[str, np.ndarray], Dict[str, np.ndarray]], list]
   summary: Callable[[dict], str]
   aux: Any = None
   draw: Optional[Callable] = None
+  class_names: Optional[Sequence[str]] = None
 
 
 @dataclasses.dataclass

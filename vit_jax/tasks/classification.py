@@ -89,7 +89,8 @@ class ClassificationTask:
       return [{"class": int(c), "label": names[int(c)], "top_k": top}
               for c, top in zip(out["class"], tasks.top_k_labels(out["probs"], names, k))]
 
-    return tasks.PredictHead(fn=fn, records=records, summary=lambda r: tasks.format_top(r["top_k"]))
+    return tasks.PredictHead(fn=fn, records=records, class_names=names,
+                             summary=lambda r: tasks.format_top(r["top_k"]))
 
   def export_functions(self, params, image_shape=None):
     """{"classify": images float32 [batch, H, W, C] -> logits, probabilities [batch, classes]}."""

@@ -29,6 +29,11 @@ from vit_jax.models import clip
 from vit_jax.models import lora
 
 
+def _known_classnames():
+  from vit_jax.input_pipeline import ops  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return ops.CLASSNAMES
+
+
 class ContrastiveTask:
 
   def __init__(self, config):
@@ -174,13 +179,16 @@ class ContrastiveTask:
     return float(np.exp(log_scale))
 
   def predict_head(self, params, options) -> tasks.PredictHead:
-    """Zero-shot over options["labels"] (prompt-ensembled through options["templates"], default
+    """Zero-shot over options["labels"] (default: the run's zero-shot class names; prompt-ensembled through options["templates"], default
     config.zeroshot.templates; scores are CLIP's softmax over the labels, or SigLIP's sigmoids),
     or retrieval over options["texts"] (scores are cosine similarities). top_k (default 5).
     Records: {"top_k": [{"label", "index", "score"}, ...]} (zero-shot also "class", "label": the
     best one); the image embedding is in the outputs
     (`Predictor.predict_arrays`) for other uses."""
     labels, texts = list(options.get("labels") or ()), list(options.get("texts") or ())
+    if not labels and not texts and (self.config.zeroshot.classnames
+                                     or self.config.dataset in _known_classnames()):
+      labels = self.classnames()  # the run's own zero-shot classes
     if bool(labels) == bool(texts):
       raise ValueError("CLIP predictions need either labels (zero-shot classification) or texts "
                        f"(retrieval), one of the two; found {len(labels)} labels and {len(texts)} "
@@ -215,7 +223,8 @@ class ContrastiveTask:
       return [{"class": top[0]["index"], "label": top[0]["label"], "top_k": top} for top in tops]
 
     return tasks.PredictHead(fn=fn, aux=text_embeds.astype(np.float32), records=records,
-                             summary=lambda r: tasks.format_top(r["top_k"]))
+                             summary=lambda r: tasks.format_top(r["top_k"]),
+                             class_names=labels or None)
 
   def export_functions(self, params, image_shape=None):
     """{"encode_image": images float32 [batch, S, S, 3] -> L2-normalised embeddings,
