@@ -202,6 +202,12 @@ def test_owl_vit_text_and_image_queries(tmp_path):
     np.testing.assert_allclose([d["box"] for d in dets], np.stack([x0, y0, x1 - x0, y1 - y0], 1),
                                atol=0.02)
     assert os.path.getsize(rec["png"]) > 0
+  # Our own OWL-ViT tree as a checkpoint file (as a run's checkpoints/ folder reads): same boxes.
+  from vit_jax.checkpoints_convert import common
+  np.savez(tmp_path / "ours.npz", **common.flatten(params))
+  again = predict.Predictor(c, checkpoint_path=str(tmp_path / "ours.npz"), queries=queries,
+                            threshold=0.0, top_k=5).predict_files(files[:1], progress=False)
+  assert again.records[0]["detections"] == out.records[0]["detections"]
   # One-shot: a query image and a box in its pixels.
   one = predict.Predictor(c, params, query_image=files[0], query_box=[2, 3, 8, 10],
                           threshold=0.0, top_k=3).predict_files(files, progress=False)

@@ -467,6 +467,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

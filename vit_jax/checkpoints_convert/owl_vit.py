@@ -53,6 +53,13 @@ def hf_prefix(keys) -> Optional[str]:
   return None
 
 
+def _is_ours(keys) -> bool:
+  """Our own OWL-ViT names (a vit_jax detection run's params): towers and both heads."""
+  keys = set(keys)
+  return "class_head/dense0/kernel" in keys and "box_head/dense0/kernel" in keys and any(
+      k.startswith("img/") for k in keys)
+
+
 def is_owl_vit(keys) -> bool:
   """Whether a state dict's keys are an HF OWL-ViT / OWLv2 detector."""
   return hf_prefix(keys) is not None
@@ -409,6 +416,11 @@ def load_pretrained(path: str, model_config, params: Mapping, *, image_size,
     state, fmt = None, SCENIC_FORMAT
   else:
     state, fmt = core.read_state(path), HF_FORMAT
+    if _is_ours(state.arrays):  # this codebase's own OWL-ViT tree (a run's workdir / orbax)
+      target = {k: np.asarray(v) for k, v in common.flatten(params).items()}
+      src = {k: v for k, v in state.arrays.items() if k != "query_embeddings"}
+      return common.unflatten(core.match_target(src, target, fmt="vit_jax OWL-ViT",
+                                                path=state.path))
     if not is_owl_vit(state.arrays):
       return load_backbone(path, model_config, image_size, params, resize_method=resize_method)
   _, loaded = load(path, model_config=model_config, image_size=image_size,
