@@ -33,6 +33,7 @@ setup(
         "pycocotools>=2.0.8",  # COCO mAP (evaluation/detection.py)
         "pillow",  # detection annotation checks and PNG visualisations
         "tqdm",  # predict's progress bar (images/s)
+        "matplotlib>=3.8",  # the end-of-run PNG plots (plots.py), headless through Agg
     ],
     extras_require={
         # Parity tests against the PyTorch references. torch is pinned: this version's CPU wheel is

@@ -54,6 +54,8 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--limit", type=int, default=0, help="Eval images (0: the whole split).")
+  parser.add_argument("--ort-threads", type=int, default=0,
+                      help="onnxruntime intra-op threads (0: its default, one per core).")
   args = parser.parse_args()
 
   import jax
@@ -73,10 +75,14 @@ def main():
   image_fn = "classify" if "classify" in fns else "encode_image"
   images, labels = _eval_images(config, args.limit)
   print(f"{config.task}, {len(images)} eval images {images.shape[1:]}, batch {args.batch}, "
-        f"{jax.device_count()} XLA device(s), onnxruntime {ort.__version__}")
+        f"{jax.device_count()} XLA device(s), onnxruntime {ort.__version__} "
+        f"({args.ort_threads or 'default'} threads)")
 
   jax_image = jax.jit(fns[image_fn].fn)
-  sessions = {kind: ort.InferenceSession(files[image_fn + suffix])
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = args.ort_threads
+  session = lambda path: ort.InferenceSession(path, options)
+  sessions = {kind: session(files[image_fn + suffix])
               for kind, suffix in (("fp32", ""), ("int8", ".int8"))}
   out_key = "logits" if image_fn == "classify" else "embeddings"
   runners = {"jax fp32": lambda x: np.asarray(jax_image(x)[out_key])}
@@ -91,7 +97,7 @@ def main():
     jax_text = jax.jit(fns["encode_text"].fn)
     text_runners["jax fp32"] = lambda t: np.asarray(jax_text(t)["embeddings"])
     for kind in ("fp32", "int8"):
-      s = ort.InferenceSession(files["encode_text" + ("" if kind == "fp32" else ".int8")])
+      s = session(files["encode_text" + ("" if kind == "fp32" else ".int8")])
       text_runners[f"onnx {kind}"] = (lambda s: lambda t: s.run(["embeddings"],
                                                                  {"tokens": t})[0])(s)
 

@@ -7,6 +7,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,6 +32,28 @@ REPLICATE = dict(mesh=[("data", -1)], sharding="replicate")
 def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
   return util.make_idx_dir(root, n_train=48, n_test=16, size=8)
+
+
+@pytest.fixture(scope="module")
+def fsdp8_run(tmp_path_factory, data_dir):
+  """An uninterrupted run of 8 steps, FSDP over the 8 devices, with its checkpoints of steps 2, 4,
+  6 and 8 kept: the reference of the resume test, and (copied, cut back to an earlier step) the
+  start of the damaged-checkpoint tests, which trained these same steps from scratch before. The
+  LR does not depend on total_steps (constant decay), so its checkpoint of step 4 holds what a
+  4-step run ends with."""
+  workdir = str(tmp_path_factory.mktemp("fsdp8") / "run")
+  train.train_and_evaluate(_config(data_dir, 8, keep_checkpoints=4, **FSDP8), workdir)
+  return workdir
+
+
+def _run_until(fsdp8_run, workdir, step):
+  """A copy of fsdp8_run's workdir as it was after `step`: its later checkpoints left out."""
+  shutil.copytree(fsdp8_run, workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  for name in os.listdir(ckpts):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(os.path.join(ckpts, name))
+  return workdir
 
 
 def _config(data_dir, total_steps, **overrides):
@@ -59,16 +82,16 @@ def _max_diff(a, b):
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
-def test_resume_on_other_meshes_and_device_counts(tmp_path, data_dir):
+def test_resume_on_other_meshes_and_device_counts(tmp_path, data_dir, fsdp8_run):
   devices = jax.devices()
   assert len(devices) == 8
-  train.train_and_evaluate(_config(data_dir, 8, **FSDP8), str(tmp_path / "ref"))
-  run = str(tmp_path / "run")
-  # 8 devices FSDP -> 4 devices FSDP -> 1 device replicated -> 8 devices FSDP 2 x 4.
-  for total, placement, devs in ((2, FSDP8, devices), (4, FSDP8, devices[:4]),
-                                 (6, REPLICATE, devices[:1]), (8, FSDP_2X4, devices)):
+  # 8 devices FSDP -> 4 devices FSDP -> 1 device replicated -> 8 devices FSDP 2 x 4. The first
+  # segment (steps 1-2 on 8 devices, FSDP) is the reference run's: its checkpoint of step 2.
+  run = _run_until(fsdp8_run, str(tmp_path / "run"), 2)
+  for total, placement, devs in ((4, FSDP8, devices[:4]), (6, REPLICATE, devices[:1]),
+                                 (8, FSDP_2X4, devices)):
     train.train_and_evaluate(_config(data_dir, total, **placement), run, devices=devs)
-  want, got = _params(tmp_path / "ref", 8), _params(run, 8)
+  want, got = _params(fsdp8_run, 8), _params(run, 8)
   assert _max_diff(want, got) <= 1e-5, _max_diff(want, got)
   assert np.abs(got["head"]["kernel"]).max() > 1e-3  # trained, not two zero heads
   # Saved as laid out: orbax records each array's sharding (the last segment's FSDP 2 x 4 mesh).
@@ -99,9 +122,9 @@ def _truncate_largest_file(step_dir):
   return victim, size
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, data_dir, caplog):
-  run = str(tmp_path / "run")
-  train.train_and_evaluate(_config(data_dir, 4, **FSDP8), run)  # checkpoints 2 and 4
+def test_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, data_dir, fsdp8_run,
+                                                              caplog):
+  run = _run_until(fsdp8_run, str(tmp_path / "run"), 4)  # checkpoints 2 and 4
   want = _params(run, 4)  # what the rerun of steps 3-4 must reproduce
   victim, _ = _truncate_largest_file(os.path.join(run, "checkpoints", "4"))
   with caplog.at_level(logging.WARNING):
@@ -115,15 +138,15 @@ def test_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, data_di
   assert _max_diff(want, _params(run, 4)) <= 1e-5
 
 
-def test_damaged_only_checkpoint_is_one_clear_error(tmp_path, data_dir):
-  run = str(tmp_path / "run")
-  train.train_and_evaluate(_config(data_dir, 2, **FSDP8), run)
+def test_damaged_only_checkpoint_is_one_clear_error(tmp_path, data_dir, fsdp8_run):
+  run = _run_until(fsdp8_run, str(tmp_path / "run"), 2)  # checkpoint 2 only
   victim, size = _truncate_largest_file(os.path.join(run, "checkpoints", "2"))
   # From the command line: a short traceback ending in one error that names the step, the file
   # and what to do (not hundreds of lines of "Event loop is closed").
   cmd = [sys.executable, "-m", "vit_jax.main", f"--workdir={run}",
          "--config=vit_jax/configs/vit.py:nano4,fashion_mnist", f"--config.data_dir={data_dir}",
          "--config.batch=16", "--config.batch_eval=16", "--config.total_steps=4",
+         "--config.plots=False",
          "--config.mesh=(('fsdp', -1),)", "--config.sharding=fsdp", "--config.fsdp_min_size=0"]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0

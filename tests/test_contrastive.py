@@ -60,7 +60,11 @@ def test_trains_and_zeroshot_matches_numpy(tmp_path, parallelism):
   # Brute force: the final params, numpy embeddings, numpy top-k, over all 21 test images.
   task = train.get_task(config)
   batch = next(input_pipeline.make_train_iterator(config))
-  state, _, _ = train.create_train_state(config, task, jax.random.PRNGKey(0), batch)
+  # The restore target: the step-0 state's shapes (jax.eval_shape: no init computed).
+  shapes = jax.eval_shape(lambda: train.create_train_state(config, task, jax.random.PRNGKey(0),
+                                                           batch)[0])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   ckpt_state = train.checkpoint.Checkpointer(str(tmp_path / "w"), keep=1)
   params = ckpt_state.restore(ckpt_state.latest_step(), state).params
   tok = tokenizer.get_tokenizer(None, 16)

@@ -56,6 +56,16 @@ def _config(tmp_path, parallelism="pjit", recipe="seeds", **detection_overrides)
   return c
 
 
+def _abstract_train_state(config, task, batch):
+  """The step-0 TrainState's structure, shapes and dtypes, on device 0, as a checkpoint restore
+  target: jax.eval_shape of train.create_train_state, so no init is computed (the nano
+  detector's eager init costs ~7 s)."""
+  shapes = jax.eval_shape(lambda: train.create_train_state(config, task, jax.random.PRNGKey(0),
+                                                           batch)[0])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+
+
 def test_trains_and_coco_eval_matches_pycocotools(tmp_path):
   config = _config(tmp_path)
   workdir = str(tmp_path / "w")
@@ -73,8 +83,7 @@ def test_trains_and_coco_eval_matches_pycocotools(tmp_path):
   from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
   task = train.get_task(config)
   ckpt_state = train.checkpoint.Checkpointer(workdir).restore(
-      3, train.create_train_state(config, task, jax.random.PRNGKey(0),
-                                  next(input_pipeline.make_train_iterator(config)))[0])
+      3, _abstract_train_state(config, task, next(input_pipeline.make_train_iterator(config))))
   params = ckpt_state.params
   queries = jnp.asarray(task.ensemble_embeddings(params))
   gt = json.load(open(config.detection.val_json))

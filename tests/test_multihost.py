@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.conftest import TEST_XLA_FLAGS
+from tests.conftest import compilation_cache_env
 from tests.input_pipeline import util
 from vit_jax import input_pipeline
 from vit_jax import parallel
@@ -50,18 +52,25 @@ def _config(data_dir, parallelism, **overrides):
 
 
 def _launch(workdir, data_dir, parallelism, **overrides):
+  """Both processes of the job; each keeps its compiled executables in a cache directory of its
+  own beside `workdir` (tests/conftest.py's compilation_cache_env), which a restarted job reads:
+  the restart after a preemption loads what the first launch compiled instead of compiling it
+  again."""
   port = _free_port()
   flags = [f"--config.{k}={repr(v) if isinstance(v, tuple) else v}"
            for k, v in dict(OVERRIDES, **overrides).items()]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}",
              TF_NUM_INTRAOP_THREADS="1")  # compile-bound, as tests/conftest.py says
+  cache = os.path.join(os.path.dirname(workdir), "xla_cache")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "vit_jax.main", f"--workdir={workdir}",
        "--config=vit_jax/configs/vit.py:nano4,fashion_mnist", *flags,
        f"--config.data_dir={data_dir}", f"--config.parallelism={parallelism}",
+       "--config.plots=False",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, env=dict(env, **compilation_cache_env(os.path.join(cache, str(i)))),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outs = []
   for p in procs:

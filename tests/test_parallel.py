@@ -1,4 +1,6 @@
-"""pmap and pjit run the same train step to the same params; bad batch sizes fail clearly."""
+"""pmap and pjit accumulate gradients over micro-batches like one full batch; bad batch sizes and
+meshes fail clearly. (That pmap and pjit train to the same params and loss is asserted in
+tests/test_sharding.py::test_placements_train_to_the_same_params, beside the sharded layouts.)"""
 import jax
 import ml_collections
 import numpy as np
@@ -43,19 +45,6 @@ def _run(parallelism, steps=3, batch=16, **overrides):
     state, metrics = step(state, backend.put_batch(b), jax.random.PRNGKey(1))
   return (jax.device_get(backend.get_state(state).params),
           metrics and backend.fetch(metrics))
-
-
-def test_pmap_and_pjit_agree():
-  assert jax.device_count() == 8
-  p_pmap, m_pmap = _run("pmap")
-  p_pjit, m_pjit = _run("pjit")
-  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), p_pmap, p_pjit))
-  assert max(diffs) <= 1e-5, max(diffs)
-  np.testing.assert_allclose(m_pmap["loss"], m_pjit["loss"], rtol=1e-5)
-  # The params moved: the comparison is not between two untouched inits.
-  p0, _ = _run("pjit", steps=0)
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), p0, p_pjit))
-  assert max(moved) > 1e-3
 
 
 @pytest.mark.parametrize("parallelism", ["pmap", "pjit"])

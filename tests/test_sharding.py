@@ -73,16 +73,20 @@ def _init(config, batch):
   return task, state, tx, schedules
 
 
-def _run(config, steps=STEPS):
-  """`steps` train steps from a fixed init on fixed batches: (final device state, backend)."""
+def _run(config, steps=STEPS, with_metrics=False):
+  """`steps` train steps from a fixed init on fixed batches: (final device state, backend), and
+  the last step's metrics on the host if `with_metrics`."""
   backend = parallel.get_backend(config)
   batches = _batches(config, steps)
   task, state, tx, schedules = _init(config, batches[0])
   state = backend.put_state(state)
   step = backend.compile_train_step(
       train.make_train_step(task.loss_fn, tx, schedules, backend.mean, config.accum_steps))
+  metrics = None
   for b in batches:
-    state, _ = step(state, backend.put_batch(b), jax.random.PRNGKey(1))
+    state, metrics = step(state, backend.put_batch(b), jax.random.PRNGKey(1))
+  if with_metrics:
+    return state, backend, backend.fetch(metrics)
   return state, backend
 
 
@@ -92,14 +96,19 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("make_config", [_vit_config, _clip_config], ids=["vit", "clip"])
 def test_placements_train_to_the_same_params(make_config):
+  # Also the pmap-vs-pjit agreement of tests/test_parallel.py (which this ViT case's "pmap" and
+  # "replicate" runs are): the same params and the same last-step loss (pmean'd and fetched from
+  # the replicas under pmap).
   assert jax.device_count() == 8
-  results = {}
+  results, losses = {}, {}
   for name, overrides in PLACEMENTS.items():
-    state, backend = _run(make_config(**overrides))
+    state, backend, metrics = _run(make_config(**overrides), with_metrics=True)
     results[name] = jax.device_get(backend.get_state(state).params)
+    losses[name] = metrics["loss"]
   ref = results.pop("replicate")
   for name, params in results.items():
     assert _max_diff(ref, params) <= 1e-5, (name, _max_diff(ref, params))
+    np.testing.assert_allclose(losses[name], losses["replicate"], rtol=1e-5, err_msg=name)
   _, init, _, _ = _init(make_config(), _batches(make_config(), 1)[0])
   assert _max_diff(ref, init.params) > 1e-3  # trained: not five untouched inits
 

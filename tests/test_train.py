@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.conftest import compilation_cache_env
 from tests.input_pipeline import util
 from vit_jax import train
 from vit_jax.configs import vit as vit_config
@@ -20,7 +21,7 @@ FLAGS = [
     "--config=vit_jax/configs/vit.py:nano4,fashion_mnist",
     "--config.batch=16", "--config.batch_eval=16", "--config.total_steps=12",
     "--config.warmup_steps=2", "--config.checkpoint_every_steps=4", "--config.log_every_steps=4",
-    "--config.shuffle_buffer=64", "--config.prefetch=1",
+    "--config.shuffle_buffer=64", "--config.prefetch=1", "--config.plots=False",
     "--config.model.transformer.dropout_rate=0.1",  # randomness must resume too
 ]
 
@@ -46,11 +47,15 @@ def _make_data(root, **kwargs):
   return util.make_idx_dir(root, size=8, **kwargs)
 
 
-def _run_cli(workdir, data_dir, *extra, kill_after_save=False):
+def _run_cli(workdir, data_dir, *extra, kill_after_save=False, xla_cache=None):
+  """xla_cache: a directory that the runs of one test share their compiled executables through
+  (tests/conftest.py's compilation_cache_env): the killed and the resumed run load what the
+  reference run compiled instead of compiling it again (~10 s a run)."""
   args = ["-c", _KILL_AFTER_SAVE] if kill_after_save else ["-m", "vit_jax.main"]
   cmd = [sys.executable, *args, f"--workdir={workdir}", *FLAGS, f"--config.data_dir={data_dir}",
          *extra]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  env = dict(os.environ, **compilation_cache_env(xla_cache)) if xla_cache else None
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _final_params(workdir, step=12):
@@ -63,15 +68,16 @@ def _final_params(workdir, step=12):
 def test_sigkill_and_resume_matches_uninterrupted(tmp_path, parallelism):
   data = _make_data(tmp_path / "data", n_train=40, n_test=20)
   par = f"--config.parallelism={parallelism}"
-  ref = _run_cli(tmp_path / "ref", data, par)
+  cache = tmp_path / "xla_cache"
+  ref = _run_cli(tmp_path / "ref", data, par, xla_cache=cache)
   assert ref.returncode == 0, ref.stderr[-3000:]
 
-  killed = _run_cli(tmp_path / "run", data, par, kill_after_save=True)
+  killed = _run_cli(tmp_path / "run", data, par, kill_after_save=True, xla_cache=cache)
   assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
   steps = ocp.CheckpointManager(os.path.join(tmp_path / "run", "checkpoints")).all_steps()
   assert max(steps) == 8, steps  # died after step 8's checkpoint, before the end
 
-  resumed = _run_cli(tmp_path / "run", data, par)
+  resumed = _run_cli(tmp_path / "run", data, par, xla_cache=cache)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resuming at step 8" in resumed.stderr
 

@@ -439,4 +439,21 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> Dict[str, float
     last_eval = evaluate(evaluators, state.params, eval_data, backend)
     logging.info("eval step %d (already trained to total_steps=%d): %s", start_step, total,
                  _format_eval(last_eval))
+  if jax.process_index() == 0 and config.plots:
+    write_plots(workdir)
   return last_eval
+
+
+def write_plots(workdir: str) -> None:
+  """PNGs of the run's curves (and classification report) in `workdir/plots`, from its events.
+  A failure here costs the plots only: it is logged, and the finished run stands."""
+  t = time.perf_counter()
+  try:
+    from vit_jax import plots  # pylint: disable=g-import-not-at-top  (lazy: matplotlib)
+    written = plots.write_plots([workdir])
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Plots for %s failed (the run itself is complete): %s: %s", workdir,
+                    type(e).__name__, e)
+    return
+  logging.info("%d plot files in %s/plots (%.1fs)", len(written), workdir,
+               time.perf_counter() - t)

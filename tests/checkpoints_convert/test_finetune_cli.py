@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (pip install .[test])")
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
 
+from tests.conftest import TEST_XLA_FLAGS  # pylint: disable=g-import-not-at-top
 from vit_jax.configs import models as model_configs  # pylint: disable=g-import-not-at-top
 from vit_jax.configs import vit as vit_configs  # pylint: disable=g-import-not-at-top
 
@@ -74,12 +75,13 @@ def test_finetune_from_hf_checkpoint_starts_lower(tmp_path):
   pretrain_loss = _pretrain_hf(tmp_path / "hf")
   assert pretrain_loss < 1.6, pretrain_loss
   flags = ["--config=vit_jax/configs/vit.py:nano4,fashion_mnist", "--config.total_steps=2",
+           "--config.plots=False",
            "--config.batch=64", "--config.batch_eval=256", "--config.train_split=train[:512]",
            "--config.eval_split=test[:256]", "--config.log_every_steps=1",
            "--config.warmup_steps=1", "--config.checkpoint_every_steps=0",
            f"--config.pretrained_path={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}"]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device is plenty for 2 steps
+  # One CPU device is plenty for 2 steps; the suite's fast-compile flags (tests/conftest.py).
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS)
   proc = subprocess.run([sys.executable, "-m", "vit_jax.main"] + flags, cwd=ROOT, env=env,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:]

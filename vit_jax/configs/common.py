@@ -19,6 +19,7 @@ def add_loop_keys(c: ml_collections.ConfigDict) -> None:
   c.eval_every_steps = 0  # 0: evaluate only at the end
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
+  c.plots = True  # at the end of the run: PNG curves (and a classification report) in workdir/plots
   c.accum_steps = 1  # micro-batches per step (same update, lower peak memory)
   c.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.param_dtype = "float32"

@@ -4,17 +4,18 @@ A task supplies only what differs between tasks; train.py owns the loop. The int
   model                                  the flax module
   init_params(rng, batch) -> params      fresh (or pretrained) params for a batch's shapes
   loss_fn(params, batch, rng) -> (loss, metrics)    mean over the (micro-)batch; train mode
-  evaluators() -> {name: (eval_fn, finalize)}      eval_fn(params, batch) -> sums
+  evaluators() -> {name: evaluation.Evaluator, or an (eval_fn, finalize) pair}
 and, for using the trained model (tasks/__init__.py):
   predict_head(params, options) -> PredictHead     top-k class names and probabilities
   export_functions(params) -> {name: ExportFunction}
 """
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from vit_jax import evaluation
 from vit_jax import losses
 from vit_jax import tasks
 from vit_jax.configs import models as model_configs
@@ -49,11 +50,12 @@ class ClassificationTask:
     acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["labels"], -1))
     return loss, {"accuracy": acc}
 
-  def evaluators(self) -> Dict[str, Tuple[Callable, Callable]]:
+  def evaluators(self) -> Dict[str, evaluation.Evaluator]:
+    """{"eval": accuracy, loss, and the confusion matrix in workdir/eval/ per evaluation}."""
     apply_fn = lambda params, images: self.model.apply({"params": params}, images, train=False)
     # Eval reports the plain (unsmoothed) cross-entropy, comparable across label smoothings.
     eval_loss = losses.classification_loss(self.config.loss)
-    return {"eval": (accuracy.make_eval_fn(apply_fn, eval_loss), accuracy.finalize)}
+    return {"eval": accuracy.make_evaluator(apply_fn, eval_loss)}
 
   # -- using the trained model (predict.py, export.py) ---------------------------------------
 

@@ -27,6 +27,7 @@ from vit_jax.evaluation import retrieval
 from vit_jax.evaluation import zeroshot
 from vit_jax.models import clip
 from vit_jax.models import lora
+from vit_jax.models import vit
 
 
 def _known_classnames():
@@ -227,11 +228,13 @@ class ContrastiveTask:
                              class_names=labels or None)
 
   def export_functions(self, params, image_shape=None):
-    """{"encode_image": images float32 [batch, S, S, 3] -> L2-normalised embeddings,
+    """{"encode_image": images float32 [batch, H, W, C] -> L2-normalised embeddings,
     "encode_text": int32 tokens [batch, context] -> L2-normalised embeddings}."""
     params = self.model_params(params)  # LoRA folded in
-    size = int(self.config.model.image_size)
-    shape = tuple(image_shape or (size, size, 3))
+    # The config's size; the channels of the patch embedding (a model trained on gray
+    # Fashion-MNIST takes 1).
+    h, w = vit._pair(self.config.model.image_size)  # pylint: disable=protected-access
+    shape = tuple(image_shape or (h, w, int(params["img"]["embedding"]["kernel"].shape[2])))
     length = int(self.config.context_length)
     tower = lambda method: lambda x: {"embeddings": clip.l2_normalize(
         self.model.apply({"params": params}, x, method=method))}
