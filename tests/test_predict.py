@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import TEST_XLA_FLAGS
 from tests.input_pipeline import util
 from vit_jax import predict
 from vit_jax import train
@@ -78,7 +79,7 @@ def test_files_predict_what_the_evaluation_counted(run):
 
 def test_cli_predict_and_export_int8_accuracy(run, tmp_path):
   workdir, png, metrics = run
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, TF_CPP_MIN_LOG_LEVEL="3")  # compile-bound
   out = tmp_path / "preds.jsonl"
   proc = subprocess.run(
       [sys.executable, "-m", "vit_jax.predict", f"--workdir={workdir}",
