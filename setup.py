@@ -34,6 +34,9 @@ setup(
         "pillow",  # detection annotation checks and PNG visualisations
         "tqdm",  # predict's progress bar (images/s)
         "matplotlib>=3.8",  # the end-of-run PNG plots (plots.py), headless through Agg
+        # sweep.py: TPE, pruners, RDB storage (SQLite; PostgreSQL with a driver), heartbeats
+        # through RetryHeartbeatStaleTrialCallback (4.9+).
+        "optuna>=4.9",
     ],
     extras_require={
         # Parity tests against the PyTorch references. torch is pinned: this version's CPU wheel is
@@ -47,6 +50,7 @@ setup(
             "pillow",
             "instant-clip-tokenizer==0.1.1",  # independent CLIP token ids
             "scikit-image",  # bundled photos: the OWL-ViT demo set's backgrounds
+            "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",  # runs notebooks/fine_tune.ipynb
             *EXPORT,
         ],
         "torch": ["torch==2.13.0", "transformers==5.23.0"],

@@ -8,6 +8,7 @@ A run restarted in the same workdir resumes from the latest checkpoint with the 
 (the input pipeline restarts at that step) and the same randomness (rng folded with the step).
 Nothing here is specific to a task.
 """
+import importlib
 import json
 import logging as std_logging
 import time
@@ -38,7 +39,12 @@ class TrainState:
 
 
 def get_task(config):
-  """The task named by `config.task` (imported lazily: each task pulls in its own model)."""
+  """The task named by `config.task` (imported lazily: each task pulls in its own model).
+
+  Besides the three built-in names, `config.task` may name a task class of your own, as
+  "package.module:ClassName" or "path/to/file.py:ClassName": `Class(config)` with `init_params`,
+  `loss_fn` and `evaluators` as in tasks/classification.py, trained by this same loop.
+  """
   if config.task == "classification":
     from vit_jax.tasks import classification
     return classification.ClassificationTask(config)
@@ -48,8 +54,20 @@ def get_task(config):
   if config.task == "detection":
     from vit_jax.tasks import detection
     return detection.DetectionTask(config)
+  if ":" in config.task:
+    return _import_task(config.task)(config)
   raise ValueError(f"config.task={config.task!r}: expected one of ['classification', "
-                   "'contrastive', 'detection'].")
+                   "'contrastive', 'detection'], or 'module:Class' / 'file.py:Class' for a task "
+                   "of your own.")
+
+
+def _import_task(spec: str):
+  where, _, name = spec.rpartition(":")
+  module = (configs.import_file(where) if where.endswith(".py") else
+            importlib.import_module(where))
+  if not hasattr(module, name):
+    raise AttributeError(f"config.task={spec!r}: {where} has no {name!r}.")
+  return getattr(module, name)
 
 
 def _split_microbatches(batch: PyTree, accum_steps: int) -> PyTree:
@@ -295,11 +313,16 @@ def state_memory(state: TrainState, backend) -> Dict[str, int]:
                                                  shardings and shardings.opt_state)}
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None) -> Dict[str, float]:
+def train_and_evaluate(config, workdir: str, *, devices=None,
+                       on_eval: Optional[Callable[[int, Dict[str, float]], bool]] = None
+                       ) -> Dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval.
 
   `devices`: the devices to run on (default all; under pmap, this process's). A run resumes on
   any number of devices: the checkpoint is re-laid onto the new mesh as it is read.
+  `on_eval(step, metrics)`: called after each evaluation (on every process; multi-process
+  callers must return the same answer everywhere); returning True stops the run there, after a
+  checkpoint, as early stopping does (sweep.py reports to optuna's pruner through it).
   """
   from vit_jax import input_pipeline  # lazy: imports TensorFlow
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or gs://bucket/...
@@ -414,6 +437,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> Dict[str, float
           logging.info("Early stopping at step %d: no %s improvement > %g for %d evals "
                        "(best %.4f at step %d).", step, stopper.metric, stopper.min_delta,
                        stopper.patience, stopper.best, stopper.best_step)
+      if on_eval is not None and on_eval(step, dict(last_eval)):
+        logging.info("Stopped at step %d by the caller (on_eval).", step)
+        should_stop = True
       t0 += time.perf_counter() - t_eval  # eval time is not training throughput
 
     if step == total or should_stop or (

@@ -21,10 +21,18 @@ def get_config(spec: str) -> ml_collections.ConfigDict:
   else:
     if not os.path.exists(path):
       raise FileNotFoundError(f"Config file {path!r} (from {spec!r}) does not exist.")
-    spec_ = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(module)
+    module = import_file(path)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def import_file(path: str):
+  """The Python module in the file `path` (a config, a sweep's space, a task of your own)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist (expected a Python file).")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 RUN_CONFIG = "config.json"  # a run's config, in its workdir (train.py writes it, predict reads it)
@@ -59,8 +67,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
                             "their config there when they start); pass --config= and "
                             "--checkpoint= instead.")
   try:
-    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    return from_dict(json.loads(path.read_text()))
   except ValueError as e:
     raise ValueError(f"{path}: not a readable config ({e}).") from e
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """A locked config from `config.to_dict()`'s JSON (lists back to tuples), as `get_config`'s."""
+  config = ml_collections.ConfigDict(_tuples(values))
   config.lock()
   return config
