@@ -165,7 +165,7 @@ def test_dead_worker_trial_is_retried(tmp_path, mode):
                        heartbeat_s=1, grace_s=1, on_interrupt=mode, poll_s=0.2)
   study_dir = str(tmp_path / "study")
   dead_params = _dead_trial(study_dir, settings, space, config)
-  time.sleep(1.5)  # past the grace period
+  time.sleep(2.5)  # past the 1 s grace period, on SQLite's clock of whole seconds
   calls = []
 
   def train_fn(cfg, workdir, on_eval=None):
@@ -184,6 +184,43 @@ def test_dead_worker_trial_is_retried(tmp_path, mode):
   else:
     assert retry.user_attrs["workdir"] == calls[0][1] != first_workdir
   assert len({w for _, w in calls}) == 3
+
+
+def test_interrupted_trial_is_queued_again(tmp_path):
+  """Ctrl-C (or SIGTERM, which the CLI turns into it) during a trial: the trial is handed back at
+  once, FAIL with its values queued, and the next run resumes it in its workdir."""
+  config = least_squares.get_config("20")
+  settings = _settings(metric="eval/log10_loss", direction="minimize", pruner="none")
+  study_dir = str(tmp_path / "study")
+  seen = []
+
+  def interrupted(cfg, workdir, on_eval=None):
+    seen.append(workdir)
+    if len(seen) == 2:
+      raise KeyboardInterrupt
+    return sweep_lsq.closed_form_train(cfg, workdir, on_eval)
+
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run(config, sweep_lsq.space(), settings, study_dir, 3, train_fn=interrupted)
+  study = sweep.run(config, sweep_lsq.space(), settings, study_dir, 3,
+                    train_fn=sweep_lsq.closed_form_train)
+  trials = study.get_trials()
+  assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                       TrialState.COMPLETE, TrialState.COMPLETE]
+  assert trials[1].user_attrs["error"] == "interrupted"
+  assert trials[2].params == trials[1].params  # the retry ran first, in trial 1's workdir
+  assert trials[2].user_attrs["workdir"] == seen[1] and not trials[2].user_attrs["error"]
+
+
+def test_surplus_trial_of_another_machine_steps_back(tmp_path):
+  """Workers sharing a storage URL from different machines have no common lock: a trial asked
+  when the study already has enough is recognised as surplus."""
+  config = least_squares.get_config("20")
+  settings = _settings(metric="eval/log10_loss", direction="minimize", pruner="none")
+  study = sweep.run(config, sweep_lsq.space(), settings, str(tmp_path / "s"), 2,
+                    train_fn=sweep_lsq.closed_form_train, report=False)
+  late = study.ask(sweep_lsq.space())
+  assert sweep._surplus(study, late, 2) and not sweep._surplus(study, late, 3)  # pylint: disable=protected-access
 
 
 def test_study_must_stay_the_same_search(tmp_path):

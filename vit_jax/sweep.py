@@ -32,6 +32,7 @@ import json
 import math
 import os
 import pprint
+import signal
 import sys
 import threading
 import time
@@ -301,6 +302,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config, apply, settings,
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
   workdir = trial_workdir(study_dir, trial, settings)
   trial.set_user_attr("workdir", workdir)
+  if trial.user_attrs.get("error"):
+    trial.set_user_attr("error", "")  # a retry inherits the interrupted trial's attrs
   frozen = storage.get_trial(trial._trial_id)  # pylint: disable=protected-access
   retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
   resume_step = 0
@@ -326,6 +329,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config, apply, settings,
 
   try:
     result = train_fn(run_config, workdir, on_eval=on_eval)
+  except KeyboardInterrupt:
+    # Ctrl-C, or SIGTERM (a preemption notice; main() turns it into this): hand the trial back
+    # now rather than after grace_s of silence, as a dead worker's would be.
+    trial.set_user_attr("error", "interrupted")
+    study.tell(trial, state=TrialState.FAIL)
+    storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial._trial_id))  # pylint: disable=protected-access
+    logging.warning("Trial %d interrupted: its values are queued again (%s); the next worker "
+                    "takes them up.", trial.number, settings.on_interrupt)
+    raise
   except Exception as e:  # pylint: disable=broad-except
     trial.set_user_attr("error", f"{type(e).__name__}: {e}")
     study.tell(trial, state=TrialState.FAIL)
@@ -593,6 +605,11 @@ def _define_flags():
   return flags.FLAGS
 
 
+def _sigterm(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     from absl import app  # pylint: disable=g-import-not-at-top
@@ -600,6 +617,7 @@ def main(argv) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  signal.signal(signal.SIGTERM, _sigterm)
   space, apply = load_space(config_flags.get_config_filename(f["space"]))
   study_dir = os.path.expanduser(f["study-dir"].value)
   # The base config as given (file, argument, overrides), for best_config.py's docstring.
