@@ -240,11 +240,29 @@ def test_study_must_stay_the_same_search(tmp_path):
 def test_bad_settings_fail_before_any_trial(tmp_path):
   config = least_squares.get_config("20")
   for key, value, match in (("sampler", "grid", "sampler"), ("pruner", "asha", "pruner"),
-                            ("on_interrupt", "ignore", "on_interrupt")):
+                            ("on_interrupt", "ignore", "on_interrupt"),
+                            ("objective", "mean", "objective"),
+                            ("direction", "max", "direction")):
     with pytest.raises(ValueError, match=match):
       sweep.run(config, sweep_lsq.space(), _settings(**{key: value}), str(tmp_path / key), 1,
                 train_fn=sweep_lsq.closed_form_train)
     assert not (tmp_path / key / "trials").exists()
+
+
+@pytest.mark.parametrize("objective,expected", [("last", 2.0), ("best", 1.0)])
+def test_objective_last_or_best_evaluation(tmp_path, objective, expected):
+  def train_fn(cfg, workdir, on_eval=None):
+    del cfg, workdir
+    for step, value in ((5, 3.0), (10, 1.0), (15, 2.0)):
+      on_eval(step, {"eval/log10_loss": value})
+    return {"eval/log10_loss": 2.0}
+
+  settings = _settings(metric="eval/log10_loss", direction="minimize", pruner="none",
+                       objective=objective)
+  study = sweep.run(least_squares.get_config("15"), sweep_lsq.space(), settings,
+                    str(tmp_path / "s"), 1, train_fn=train_fn, report=False)
+  assert study.trials[0].value == expected
+  assert study.trials[0].intermediate_values == {5: 3.0, 10: 1.0, 15: 2.0}
 
 
 def test_unknown_metric_fails_the_trial(tmp_path):

@@ -352,12 +352,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config, apply, settings,
                  settings.metric, values[-1])
     return TrialState.PRUNED
   last = _metric(result, settings.metric) if result else values[-1]
+  value = last
   if settings.objective == "best" and values:
     value = max(values) if settings.direction == "maximize" else min(values)
-  elif settings.objective in ("last", "best"):
-    value = last
-  else:
-    raise ValueError(f"settings.objective={settings.objective!r}: expected 'last' or 'best'.")
   # NaN (a diverged run) is a failed trial to optuna; +-inf it takes as the worst value.
   study.tell(trial, value if math.isfinite(value) else
              (-math.inf if settings.direction == "maximize" else math.inf))
@@ -390,14 +387,16 @@ def run(config, space: Dict[str, BaseDistribution], settings, study_dir: str, tr
   (`write_report`) unless `report=False`.
 
   `train_fn(config, workdir, on_eval=...)` defaults to train.train_and_evaluate."""
-  if settings.on_interrupt not in ("resume", "retry"):
-    raise ValueError(f"settings.on_interrupt={settings.on_interrupt!r}: expected 'resume' or "
-                     "'retry'.")
+  for key, allowed in (("on_interrupt", ("resume", "retry")), ("objective", ("last", "best")),
+                       ("direction", ("maximize", "minimize"))):
+    if settings[key] not in allowed:
+      raise ValueError(f"settings.{key}={settings[key]!r}: expected one of {list(allowed)}.")
   if train_fn is None:
     from vit_jax import train  # pylint: disable=g-import-not-at-top  (TensorFlow, models)
     train_fn = train.train_and_evaluate
   check_space(config, space, apply)
-  make_sampler(settings, 0), make_pruner(settings, config)  # bad names fail before any trial
+  make_sampler(settings, 0)  # unknown names fail here, before any trial
+  make_pruner(settings, config)
   if settings.pruner != "none" and not config.eval_every_steps:
     logging.warning("config.eval_every_steps=0: a trial is evaluated only at its end, so the "
                     "%s pruner cannot stop one early.", settings.pruner)
