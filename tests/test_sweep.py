@@ -64,6 +64,10 @@ def test_space_files_shipped():
     base = configs.get_config(spec)
     sweep.check_space(base, space, apply)
     assert settings.metric == "eval/accuracy"
+  quick_space, _ = sweep.load_space(os.path.join(REPO, "vit_jax", "configs",
+                                                 "sweep_quickstart.py"))
+  assert sweep.config_point(configs.get_config("vit.py"), quick_space) == (
+      {"base_lr": 2e-3, "warmup_steps": 200, "weight_decay": 0.05, "aug_level": None}, "")
   space, apply = sweep.load_space(os.path.join(REPO, "vit_jax", "configs", "sweep_finetune.py"))
   cfg = sweep.trial_config(configs.get_config("vit.py:ti16,cifar10"),
                            {"base_lr": 0.01, "freeze_blocks": 4, "head_lr_mult": 10.0,
@@ -213,6 +217,25 @@ def test_interrupted_trial_is_queued_again(tmp_path):
   assert trials[1].user_attrs["error"] == "interrupted"
   assert trials[2].params == trials[1].params  # the retry ran first, in trial 1's workdir
   assert trials[2].user_attrs["workdir"] == seen[1] and not trials[2].user_attrs["error"]
+
+
+def test_base_config_as_first_trial(tmp_path):
+  """settings.enqueue_config: trial 0 trains the base config's own values, once, however often
+  the sweep restarts; a base config outside the space gets no baseline (and a warning)."""
+  config = least_squares.get_config("20")  # base_lr 0.1
+  settings = _settings(metric="eval/log10_loss", direction="minimize", pruner="none",
+                       enqueue_config=True)
+  for trials in (2, 3):
+    study = sweep.run(config, sweep_lsq.space(), settings, str(tmp_path / "s"), trials,
+                      train_fn=sweep_lsq.closed_form_train, report=False)
+  baselines = [t for t in study.trials if t.user_attrs.get("baseline")]
+  assert [t.number for t in baselines] == [0] and baselines[0].params == {"base_lr": 0.1}
+  assert len(study.trials) == 3
+  assert sweep.config_point(config, {"base_lr": FloatDistribution(0.2, 0.5)}) == (
+      {}, "config.base_lr=0.1 is not a point of FloatDistribution(high=0.5, log=False, "
+      "low=0.2, step=None)")
+  assert sweep.config_point(config, {"warmup_steps": IntDistribution(0, 10, step=5)})[0] == {
+      "warmup_steps": 0}
 
 
 def test_surplus_trial_of_another_machine_steps_back(tmp_path):

@@ -69,6 +69,7 @@ def base_settings() -> ml_collections.ConfigDict:
   s.sampler = "tpe"  # tpe (Bayesian: optuna's TPESampler, multivariate) | random
   s.startup_trials = 5  # tpe: random trials before the density model takes over
   s.seed = 0  # samplers are seeded with (seed, trials so far): reproducible, distinct per worker
+  s.enqueue_config = False  # the base config's own values as the first trial (a baseline)
   s.pruner = "median"  # median | hyperband | none; pruning needs config.eval_every_steps
   s.pruner_startup_trials = 2  # median: trials that finish before any is pruned
   s.pruner_warmup_steps = 0  # median: a trial is not pruned before this step
@@ -151,6 +152,28 @@ def check_space(config, space: Dict[str, BaseDistribution], apply=None) -> None:
                       "(FloatDistribution, IntDistribution, CategoricalDistribution).")
   for values in _probe_values(space):
     trial_config(config, values, apply)
+
+
+def config_point(config, space: Dict[str, BaseDistribution]) -> Tuple[Dict[str, Any], str]:
+  """The base config's own values of the space's names, and "" when they are all points of the
+  space; else ({}, why not)."""
+  point = {}
+  for name, dist in space.items():
+    if not is_config_key(config, name):
+      return {}, f"{name!r} is not a config key"
+    parent, leaf = _lookup(config, name)
+    value = parent[leaf]
+    if isinstance(dist, CategoricalDistribution):
+      inside = value in dist.choices
+    else:
+      step = getattr(dist, "step", None)
+      inside = (isinstance(value, (int, float)) and dist.low <= value <= dist.high and
+                (not step or math.isclose((value - dist.low) / step,
+                                          round((value - dist.low) / step))))
+    if not inside:
+      return {}, f"config.{name}={value!r} is not a point of {dist}"
+    point[name] = value
+  return point, ""
 
 
 # -- optuna pieces ----------------------------------------------------------------------------
@@ -407,6 +430,13 @@ def run(config, space: Dict[str, BaseDistribution], settings, study_dir: str, tr
   storage = make_storage(url, settings)
   study = open_study(storage, name, config, space, settings, config_spec)
   lock = os.path.join(study_dir, LOCK_FILE)
+  if settings.enqueue_config:
+    point, why = config_point(config, space)
+    if not why:
+      with _file_lock(lock):  # skip_if_exists: one baseline, however many workers start
+        study.enqueue_trial(point, user_attrs={"baseline": True}, skip_if_exists=True)
+    else:
+      logging.warning("settings.enqueue_config: no baseline trial, %s.", why)
   failures = 0
   optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged here, once
   while True:

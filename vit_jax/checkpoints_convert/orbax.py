@@ -6,6 +6,8 @@ run that wrote it had (FSDP on 8 devices, tensor-parallel, replicated, pmap): th
 orbax for whole arrays. The names are this codebase's own, i.e. an `.npz` of the same tree, so
 the rest of `checkpoints_convert` (position-embedding resampling, head fitting) applies as is.
 """
+import contextlib
+import logging
 import os
 from typing import Dict, Optional
 
@@ -36,6 +38,25 @@ def step_dir(path: str) -> Optional[str]:
   return None
 
 
+class _NoItemMetadataWarning(logging.Filter):
+  """A PyTreeCheckpointer opened on one item of a CheckpointManager step looks for the step's
+  metadata file inside the item folder, warns that it is missing there, and reads the item
+  anyway: a false alarm for every checkpoint this codebase writes."""
+
+  def filter(self, record):
+    return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+  absl_logger, f = logging.getLogger("absl"), _NoItemMetadataWarning()
+  absl_logger.addFilter(f)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(f)
+
+
 def is_orbax(path: str) -> bool:
   return step_dir(path) is not None
 
@@ -50,15 +71,17 @@ def read_tree(path: str) -> Dict[str, object]:
                             "or a step folder holding _CHECKPOINT_METADATA).")
   item = os.path.join(step, ITEM)
   ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(item)
+  with _quiet_item_metadata():
+    tree = ckptr.metadata(item)
   tree = getattr(tree, "item_metadata", tree)
   if "params" not in tree:
     raise common.CheckpointError(f"{item}: an orbax checkpoint without 'params' (found "
                                  f"{sorted(tree)}); not a vit_jax training checkpoint.")
   wanted = {"params": tree["params"]}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  return ckptr.restore(item, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=True))["params"]
+  with _quiet_item_metadata():
+    return ckptr.restore(item, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True))["params"]
 
 
 def read_params(path: str) -> Dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ def get_config():
   s.sampler = "tpe"
   s.pruner = "median"  # or "hyperband"
   s.on_interrupt = "resume"  # or "retry": a killed trial starts over in a new workdir
+  s.enqueue_config = True  # trial 0 trains the quick start's own values: the baseline to beat
   return s
 
 
@@ -27,5 +28,6 @@ def get_space():
       "base_lr": FloatDistribution(3e-4, 1e-2, log=True),
       "warmup_steps": IntDistribution(0, 400, step=100),
       "weight_decay": FloatDistribution(1e-3, 0.3, log=True),
-      "aug_level": CategoricalDistribution(["none", "light1", "medium1"]),
+      # None (the quick start's: flips only) or an AugReg level (RandAugment + mixup).
+      "aug_level": CategoricalDistribution([None, "light1", "medium1"]),
   }
