@@ -20,6 +20,8 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from vit_jax import files
+
 PyTree = Any
 FILES_MANIFEST = "vit_jax_files.json"  # {relative path: size} of a step, written after the save
 
@@ -92,9 +94,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       # Sizes of the committed files: a later truncation is then named file by file on restore.
       step_dir = self.step_dir(step)
-      tmp = step_dir / (FILES_MANIFEST + ".tmp")
-      tmp.write_text(json.dumps(_files(step_dir), sort_keys=True))
-      tmp.rename(step_dir / FILES_MANIFEST)
+      files.write_atomic(step_dir / FILES_MANIFEST, json.dumps(_files(step_dir), sort_keys=True))
     logging.info("Saved checkpoint for step %d to %s", step, self.directory)
 
   def check_files(self, step: int) -> None:

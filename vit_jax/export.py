@@ -23,9 +23,8 @@ them (the config's pp.test, without its label ops).
   npz         our param names as an `.npz` (upstream's for ViT) through checkpoints_convert.
 """
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np

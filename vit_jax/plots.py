@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from vit_jax import files
 from vit_jax.evaluation import accuracy
 
 Series = Tuple[np.ndarray, np.ndarray]  # steps int64 [points], values float64 [points]
@@ -275,9 +276,7 @@ def per_class_figure(metrics: Dict[str, np.ndarray], names: Sequence[str], title
 def _save(fig: Figure, path) -> str:
   buf = io.BytesIO()  # one write: a gs:// path takes bytes, not a file matplotlib seeks in
   fig.savefig(buf, format="png", dpi=100)
-  path = epath.Path(path)
-  path.write_bytes(buf.getvalue())
-  return str(path)
+  return files.write_atomic(path, buf.getvalue())
 
 
 def _file_part(run: str) -> str:

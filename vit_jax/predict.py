@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from vit_jax import configs
+from vit_jax import files
 from vit_jax import train
 
 _BATCH_AXIS = "batch"
@@ -316,12 +317,7 @@ def _progress(total: int, enabled: bool):
 
 def write_jsonl(records: Sequence[dict], path: str) -> str:
   """One JSON object per line, written to a temporary file and renamed (no half files)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
+  files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
   return path
 
 

@@ -40,7 +40,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import warnings
 
 from absl import logging
-from etils import epath
 import ml_collections
 import optuna
 from optuna.distributions import BaseDistribution
@@ -48,6 +47,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from vit_jax import configs
+from vit_jax import files
 
 # optuna marks the heartbeat API experimental and warns when ask/tell (not Study.optimize) drives
 # it; the sweep drives ask/tell itself, with its own heartbeat thread (_Heartbeat).
@@ -478,13 +478,6 @@ def run(config, space: Dict[str, BaseDistribution], settings, study_dir: str, tr
 
 # -- the report -------------------------------------------------------------------------------
 
-def _write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)  # atomic: workers finishing together leave one whole file
-
-
 def best_trial(study) -> Optional[optuna.trial.FrozenTrial]:
   complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.value is not None and math.isfinite(t.value)]
@@ -559,8 +552,9 @@ def write_plots(study, out_dir: str) -> List[str]:
       path = os.path.join(out_dir, f"{name}.png")
       fig.set_size_inches(8, 5)
       fig.tight_layout()
-      fig.savefig(path + ".tmp.png", dpi=100)
-      os.replace(path + ".tmp.png", path)
+      buf = io.BytesIO()
+      fig.savefig(buf, format="png", dpi=100)
+      files.write_atomic(path, buf.getvalue())
       plt.close(fig)
       written.append(path)
   return written
@@ -571,11 +565,11 @@ def write_report(study, config, space, settings, study_dir: str, *, apply=None,
   """trials.csv, best_config.py and plots/*.png in `study_dir`; returns their paths."""
   out: Dict[str, Any] = {}
   out["csv"] = os.path.join(study_dir, "trials.csv")
-  _write_text(out["csv"], trials_csv(study, space))
+  files.write_atomic(out["csv"], trials_csv(study, space))
   best = best_trial(study)
   if best is not None:
     out["best_config"] = os.path.join(study_dir, "best_config.py")
-    _write_text(out["best_config"], best_config_source(
+    files.write_atomic(out["best_config"], best_config_source(
         trial_config(config, best.params, apply), best, settings, config_spec))
   out["plots"] = write_plots(study, os.path.join(study_dir, "plots"))
   counts = _counts(study)

@@ -25,6 +25,7 @@ import optax
 from vit_jax import checkpoint
 from vit_jax import configs
 from vit_jax import evaluation
+from vit_jax import files
 from vit_jax import optim
 from vit_jax import parallel
 
@@ -191,10 +192,8 @@ class EarlyStopping:
       self.best, self.best_step, self.bad_evals = value, step, 0
     else:
       self.bad_evals += 1
-    tmp = self.path.parent / (self.path.name + ".tmp")
-    tmp.write_text(json.dumps({"best": self.best, "best_step": self.best_step,
-                               "bad_evals": self.bad_evals}))
-    tmp.replace(self.path)
+    files.write_atomic(self.path, json.dumps({"best": self.best, "best_step": self.best_step,
+                                              "bad_evals": self.bad_evals}))
     return improved, self.bad_evals >= self.patience
 
 

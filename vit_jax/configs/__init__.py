@@ -49,12 +49,10 @@ def _tuples(x):
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes `config` to `workdir/config.json` (atomically: a temporary file, then a rename)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(workdir) / RUN_CONFIG
-  tmp = path.parent / (RUN_CONFIG + ".tmp")
-  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  tmp.replace(path)  # a resumed run rewrites it
-  return str(path)
+  from vit_jax import files  # pylint: disable=g-import-not-at-top  (configs stay cheap to load)
+  # A resumed run rewrites it.
+  return files.write_atomic(os.path.join(workdir, RUN_CONFIG),
+                            config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import evaluation
+from vit_jax import files
 
 CONFUSION_DIR = "eval"  # workdir/eval/confusion_{step}.npz
 
@@ -57,14 +58,9 @@ def write_confusion(sums, step: int, workdir: str) -> str:
   Compressed: at 1000 classes the mostly-zero matrix is tens of kB, not 8 MB, per evaluation.
   Written to a temporary name and renamed, so a reader never sees half a file.
   """
-  path = confusion_path(workdir, step)
-  path.parent.mkdir(parents=True, exist_ok=True)
   buf = io.BytesIO()
   np.savez_compressed(buf, confusion=np.asarray(sums["confusion"], np.int64))
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  tmp.replace(path)
-  return str(path)
+  return files.write_atomic(confusion_path(workdir, step), buf.getvalue())
 
 
 def read_confusion(workdir: str) -> Optional[Tuple[int, np.ndarray]]:
